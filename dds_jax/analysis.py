@@ -1,0 +1,792 @@
+"""Reads certification TSVs and summarises them: tables, intervals, plots.
+
+The certification output is the TSV of Cohen et al. (2019), `certify.py`: a
+header row ``idx label predict radius correct time`` (tab-separated) and one
+row per certified example. Our certifier appends more columns after those
+(``sigma``, ``p_lower``, ``predict_mem``, ``radius_mem``, ``changed``, ...);
+they are read and kept, never required. ``predict == -1`` means the smoothed
+classifier abstained (its radius is 0 and it is not correct). ``time`` is
+either seconds as a float (``15.4``) or a `datetime.timedelta` string
+(``0:00:13.736080``, ``1 day, 2:03:04.5``); both are read as seconds.
+
+Definitions used throughout:
+
+* certified accuracy at r: fraction of rows with ``correct == 1`` and
+  ``radius >= r`` (a radius exactly equal to r counts);
+* ACR (average certified radius): ``mean(correct * radius)``, abstentions and
+  wrong predictions counting as 0;
+* abstain rate: fraction of rows with ``predict == -1``;
+* 95% interval of a certified accuracy k / n: two-sided Clopper-Pearson.
+
+Typical use::
+
+  summary = analysis.summarize('runs/exp/certify.tsv')
+  print(analysis.format_table({'exp': summary}))
+  analysis.plot_certified_accuracy(
+      {'exp': analysis.read_tsv('runs/exp/certify.tsv')}, 'curve.png')
+
+`write_tsv` formats floats with ``'%.6g'`` by default (6 significant digits,
+always with a ``.`` or exponent so that a float column reads back as float):
+a radius is kept to a relative 5e-6, far below what the Monte-Carlo
+certificate resolves. Pass ``float_format=None`` for the shortest string that
+round-trips exactly (e.g. when ``p_lower`` close to 1 must be recomputed into a
+radius later).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import tempfile
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import numpy as np
+from scipy import special
+
+from dds_jax import errors
+
+PathLike = Union[str, os.PathLike]
+
+# Covers CIFAR-10 (Cohen's tables: 0.25 ... 1.0) and ImageNet (up to 3.0).
+DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+# Columns of Cohen's format, in his order. `read_tsv` requires them by default.
+REQUIRED_COLUMNS = ('idx', 'label', 'predict', 'radius', 'correct', 'time')
+# Columns with a fixed type; the type of any other column is inferred.
+INT_COLUMNS = frozenset({'idx', 'label', 'predict', 'correct'})
+FLOAT_COLUMNS = frozenset({'radius', 'sigma', 'p_lower', 'time'})
+
+ABSTAIN = -1
+
+_DURATION_RE = re.compile(
+    r'^\s*(?:(?P<days>-?\d+) days?, )?(?P<h>\d+):(?P<m>\d{1,2}):'
+    r'(?P<s>\d{1,2}(?:\.\d*)?)\s*$')
+
+
+# ---------------------------------------------------------------------------
+# Reading and writing.
+# ---------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+  """Parses ``'15.4'`` or ``'0:00:13.736080'`` (or ``'1 day, 0:00:01'``).
+
+  Args:
+    text: seconds as a float, or `str(datetime.timedelta)`.
+
+  Returns:
+    The duration in seconds.
+
+  Raises:
+    ValueError: if `text` is neither form.
+  """
+  try:
+    return float(text)
+  except ValueError:
+    pass
+  match = _DURATION_RE.match(text)
+  if match is None:
+    raise ValueError(f'not a duration: {text!r}')
+  days = int(match.group('days') or 0)
+  return (days * 86400.0 + int(match.group('h')) * 3600.0 +
+          int(match.group('m')) * 60.0 + float(match.group('s')))
+
+
+def _is_float_column(name: str) -> bool:
+  return name in FLOAT_COLUMNS or name.startswith('radius')
+
+
+def _parse_column(name: str, values: Sequence[str], linenos: Sequence[int],
+                  path: str) -> np.ndarray:
+  """Converts one column's strings, reporting the first bad line."""
+
+  def fail(i: int, what: str) -> errors.InputError:
+    return errors.InputError(
+        f'{path}:{linenos[i]}: column {name!r}: expected {what}, '
+        f'got {values[i]!r}')
+
+  def convert(fn: Callable[[str], Any], dtype: Any, what: str) -> np.ndarray:
+    out = np.empty(len(values), dtype=dtype)
+    for i, v in enumerate(values):
+      try:
+        out[i] = fn(v)
+      except (ValueError, OverflowError):
+        raise fail(i, what) from None
+    return out
+
+  if name == 'time':
+    return convert(parse_duration, np.float64,
+                   'seconds or H:MM:SS[.ffffff]')
+  if name in INT_COLUMNS:
+    return convert(int, np.int64, 'an integer')
+  if _is_float_column(name):
+    return convert(float, np.float64, 'a number')
+  # Any other column: int if every value is, else float, else bool, else str.
+  for fn, dtype in ((int, np.int64), (float, np.float64)):
+    try:
+      return np.array([fn(v) for v in values], dtype=dtype)
+    except (ValueError, OverflowError):
+      pass
+  if values and all(v in ('True', 'False') for v in values):
+    return np.array([v == 'True' for v in values], dtype=bool)
+  return np.array(values, dtype=str)
+
+
+def read_tsv(
+    path: PathLike,
+    required: Sequence[str] = REQUIRED_COLUMNS,
+) -> dict[str, np.ndarray]:
+  """Reads a certification TSV into columns.
+
+  Args:
+    path: the TSV file (header row, tab-separated, one row per example).
+    required: columns that must be present (Cohen's six by default).
+
+  Returns:
+    Columns by name in file order: ``idx label predict correct`` as int64,
+    ``radius`` (and any ``radius*``), ``sigma``, ``p_lower`` as float64,
+    ``time`` as float64 seconds; other columns as int64 if every value is an
+    integer, else float64, else bool (``True``/``False``), else str.
+
+  Raises:
+    DataError: the file is missing or cannot be read.
+    InputError: the file is malformed: no header, a missing or duplicate
+      column, a row with the wrong number of fields, a value of the wrong
+      type, ``correct`` not 0/1, a negative or non-finite radius. The message
+      names the file and the line.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, 'r', encoding='utf-8', newline='') as f:
+      text = f.read()
+  except FileNotFoundError:
+    raise errors.DataError(f'{path}: no such file') from None
+  except IsADirectoryError:
+    raise errors.DataError(f'{path}: is a directory, not a TSV file') from None
+  except UnicodeDecodeError as e:
+    raise errors.InputError(
+        f'{path}: not a UTF-8 text file ({e.reason} at byte {e.start})'
+    ) from None
+  except OSError as e:
+    raise errors.DataError(f'{path}: cannot read: {e.strerror or e}') from None
+
+  lines = text.splitlines()
+  header_lineno = next(
+      (i + 1 for i, line in enumerate(lines) if line.strip()), None)
+  if header_lineno is None:
+    raise errors.InputError(f'{path}: empty file, expected a header row '
+                            f'({" ".join(REQUIRED_COLUMNS)})')
+  names = [n.strip() for n in lines[header_lineno - 1].split('\t')]
+  if any(not n for n in names):
+    raise errors.InputError(
+        f'{path}:{header_lineno}: empty column name in header {names}')
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise errors.InputError(
+        f'{path}:{header_lineno}: duplicate column(s) {duplicates} in header')
+  missing = [n for n in required if n not in names]
+  if missing:
+    raise errors.InputError(
+        f'{path}:{header_lineno}: header lacks column(s) {missing}; '
+        f'it has {names} (is this a tab-separated certification TSV?)')
+
+  raw = [[] for _ in names]
+  linenos = []
+  for lineno in range(header_lineno + 1, len(lines) + 1):
+    line = lines[lineno - 1]
+    if not line.strip():
+      continue
+    fields = line.split('\t')
+    if len(fields) != len(names):
+      raise errors.InputError(
+          f'{path}:{lineno}: expected {len(names)} tab-separated fields '
+          f'({" ".join(names)}), got {len(fields)}')
+    for column, value in zip(raw, fields):
+      column.append(value.strip())
+    linenos.append(lineno)
+
+  columns = {
+      name: _parse_column(name, values, linenos, path)
+      for name, values in zip(names, raw)
+  }
+
+  if 'correct' in columns:
+    bad = np.flatnonzero((columns['correct'] != 0) & (columns['correct'] != 1))
+    if bad.size:
+      i = bad[0]
+      raise errors.InputError(
+          f'{path}:{linenos[i]}: column \'correct\' must be 0 or 1, '
+          f'got {columns["correct"][i]}')
+  if 'radius' in columns:
+    radius = columns['radius']
+    bad = np.flatnonzero(~(np.isfinite(radius) & (radius >= 0)))
+    if bad.size:
+      i = bad[0]
+      raise errors.InputError(
+          f'{path}:{linenos[i]}: column \'radius\' must be finite and >= 0, '
+          f'got {raw[names.index("radius")][i]!r}')
+  return columns
+
+
+def _format_float(x: float, float_format: str | None) -> str:
+  if float_format is not None:
+    s = float_format % x
+    if re.fullmatch(r'-?\d+', s):
+      s += '.0'  # Keep floats recognisable as floats when read back.
+    return s
+  if not np.isfinite(x):
+    return str(float(x))
+  # Shortest string that round-trips at the value's own precision.
+  if x != 0 and not 1e-4 <= abs(x) < 1e16:
+    return np.format_float_scientific(x, unique=True, trim='0')
+  return np.format_float_positional(x, unique=True, trim='0')
+
+
+def _format_value(v: Any, float_format: str | None) -> str:
+  if isinstance(v, (bool, np.bool_)):
+    return '1' if v else '0'
+  if isinstance(v, (int, np.integer)):
+    return str(int(v))
+  if isinstance(v, (float, np.floating)):
+    return _format_float(v, float_format)
+  s = str(v)
+  if '\t' in s or '\n' in s or '\r' in s:
+    raise errors.InputError(f'value {s!r} contains a tab or newline')
+  return s
+
+
+def write_tsv(
+    path: PathLike,
+    columns: Mapping[str, Sequence[Any]],
+    order: Sequence[str] | None = None,
+    *,
+    float_format: str | None = '%.6g',
+) -> None:
+  """Writes columns as a TSV, atomically (temporary file + `os.replace`).
+
+  Args:
+    path: where to write; its directory is created if missing.
+    columns: equal-length sequences by column name.
+    order: the columns to write, in order. None: Cohen's columns that are
+      present, in his order, then the others in `columns` order. Columns not
+      in `order` are not written.
+    float_format: %-format of floats (``'%.6g'``: 6 significant digits,
+      ``'.0'`` appended when it would look like an integer); None: the
+      shortest exact representation. Integers are written as integers, bools
+      as 1/0, anything else with `str`.
+
+  Raises:
+    InputError: a column in `order` is missing, lengths differ, or a value
+      holds a tab or newline.
+    DataError: the file cannot be written.
+  """
+  path = os.fspath(path)
+  if order is None:
+    order = [n for n in REQUIRED_COLUMNS if n in columns]
+    order += [n for n in columns if n not in order]
+  order = list(order)
+  missing = [n for n in order if n not in columns]
+  if missing:
+    raise errors.InputError(
+        f'write_tsv({path}): column(s) {missing} not in {list(columns)}')
+  if len(set(order)) != len(order):
+    raise errors.InputError(f'write_tsv({path}): duplicate names in {order}')
+  for name in order:
+    if '\t' in name or '\n' in name or not name.strip():
+      raise errors.InputError(f'write_tsv({path}): bad column name {name!r}')
+  lengths = {n: len(columns[n]) for n in order}
+  if len(set(lengths.values())) > 1:
+    raise errors.InputError(
+        f'write_tsv({path}): columns differ in length: {lengths}')
+  num_rows = next(iter(lengths.values()), 0)
+
+  lines = ['\t'.join(order)]
+  cells = [list(columns[n]) for n in order]
+  for i in range(num_rows):
+    lines.append('\t'.join(_format_value(c[i], float_format) for c in cells))
+  _atomic_write(path, ('\n'.join(lines) + '\n').encode('utf-8'))
+
+
+def write_text(path: PathLike, text: str) -> None:
+  """Writes `text` (UTF-8) to `path` atomically; DataError if it cannot."""
+  _atomic_write(os.fspath(path), text.encode('utf-8'))
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  tmp = None
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    tmp = None
+  except OSError as e:
+    raise errors.DataError(f'{path}: cannot write: {e.strerror or e}') from None
+  finally:
+    if tmp is not None and os.path.exists(tmp):
+      os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------
+# Statistics.
+# ---------------------------------------------------------------------------
+
+
+def _as_1d(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
+  try:
+    a = np.asarray(x, dtype=dtype)
+  except (TypeError, ValueError):
+    raise errors.InputError(f'{name}: not numeric') from None
+  if a.ndim != 1:
+    raise errors.InputError(
+        f'{name}: expected a 1-D array, got shape {a.shape}')
+  return a
+
+
+def certified_accuracy(radius: Any, correct: Any, radii: Any) -> np.ndarray:
+  """Fraction of examples with ``correct == 1`` and ``radius >= r``, each r.
+
+  Args:
+    radius: (n,) certified radii (0 for abstentions).
+    correct: (n,) 1 where the smoothed prediction is the label, else 0.
+    radii: (m,) radii to evaluate at, or a scalar.
+
+  Returns:
+    (m,) float64 certified accuracies (a 0-d array for a scalar `radii`).
+
+  Raises:
+    InputError: shapes differ, n == 0, or a radius is negative / non-finite.
+  """
+  radius = _as_1d(radius, 'radius')
+  correct = _as_1d(correct, 'correct')
+  if radius.shape != correct.shape:
+    raise errors.InputError(
+        f'radius and correct differ in shape: {radius.shape} vs '
+        f'{correct.shape}')
+  if radius.size == 0:
+    raise errors.InputError('no examples: certified accuracy is undefined')
+  if not np.all(np.isfinite(radius) & (radius >= 0)):
+    raise errors.InputError('radius must be finite and >= 0')
+  radii = np.asarray(radii, dtype=np.float64)
+  certified = np.sort(radius[correct == 1])
+  # Number of correct rows with radius >= r.
+  count = certified.size - np.searchsorted(certified, radii, side='left')
+  return count / radius.size
+
+
+def clopper_pearson_interval(
+    k: Any, n: Any, level: float = 0.95) -> tuple[Any, Any]:
+  """Two-sided exact (Clopper-Pearson) interval of a binomial proportion.
+
+  Args:
+    k: successes (int or array of ints), 0 <= k <= n.
+    n: trials (int or array, broadcast with `k`), n >= 1.
+    level: confidence level in (0, 1).
+
+  Returns:
+    (lo, hi): floats for scalar inputs, else float64 arrays of the broadcast
+    shape. lo = Beta(k, n - k + 1) quantile at (1 - level) / 2, 0 where
+    k == 0; hi = Beta(k + 1, n - k) quantile at (1 + level) / 2, 1 where
+    k == n (`scipy.special.betaincinv`, the same as `scipy.stats.beta.ppf`
+    without importing scipy.stats).
+
+  Raises:
+    InputError: on non-integer counts, k outside [0, n], n < 1 or a bad level.
+  """
+  if not 0.0 < level < 1.0:
+    raise errors.InputError(f'level must be in (0, 1), got {level}')
+  k_arr = np.asarray(k)
+  n_arr = np.asarray(n)
+  for name, a in (('k', k_arr), ('n', n_arr)):
+    if a.dtype.kind not in 'iuf' or (
+        a.dtype.kind == 'f' and not np.all(a == np.round(a))):
+      raise errors.InputError(f'{name} must hold integers, got {a!r}')
+  k_arr, n_arr = np.broadcast_arrays(k_arr.astype(np.float64),
+                                     n_arr.astype(np.float64))
+  if np.any(n_arr < 1) or np.any(k_arr < 0) or np.any(k_arr > n_arr):
+    raise errors.InputError(f'need 0 <= k <= n and n >= 1, got k={k}, n={n}')
+  alpha = 1.0 - level
+  # Substitute valid shape parameters where the bound is fixed (k=0 / k=n).
+  lo = np.where(k_arr == 0, 0.0,
+                special.betaincinv(np.maximum(k_arr, 1), n_arr - k_arr + 1,
+                                  alpha / 2))
+  hi = np.where(k_arr == n_arr, 1.0,
+                special.betaincinv(k_arr + 1, np.maximum(n_arr - k_arr, 1),
+                                  1 - alpha / 2))
+  if lo.ndim == 0:
+    return float(lo), float(hi)
+  return lo, hi
+
+
+def _correct_for(columns: Mapping[str, Any], predict_key: str,
+                 correct_key: str | None) -> np.ndarray:
+  if correct_key is None:
+    correct_key = 'correct' if predict_key == 'predict' else None
+  if correct_key is not None:
+    _require(columns, correct_key)
+    return _as_1d(columns[correct_key], correct_key)
+  # Derived: e.g. predict_mem == label (abstention is never correct).
+  _require(columns, 'label')
+  predict = _as_1d(columns[predict_key], predict_key)
+  label = _as_1d(columns['label'], 'label')
+  return ((predict == label) & (predict != ABSTAIN)).astype(np.float64)
+
+
+def _require(columns: Mapping[str, Any], key: str) -> None:
+  if key not in columns:
+    raise errors.InputError(
+        f'column {key!r} not found; have {sorted(columns)}')
+
+
+def radius_and_correct(
+    columns: Mapping[str, Any],
+    *,
+    radius_key: str = 'radius',
+    predict_key: str = 'predict',
+    correct_key: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Picks the (radius, correct) arrays of one certification variant.
+
+  Args:
+    columns: columns by name, as from `read_tsv`.
+    radius_key: the radius column (e.g. ``'radius_mem'``).
+    predict_key: the prediction column, -1 = abstain (e.g. ``'predict_mem'``).
+    correct_key: the 0/1 correctness column. None: ``'correct'`` when
+      `predict_key` is ``'predict'``, else derived as
+      ``(columns[predict_key] == columns['label']) & (prediction != -1)``.
+
+  Returns:
+    float64 (radius, correct), both (n,).
+
+  Raises:
+    InputError: a needed column is missing or the lengths differ.
+  """
+  _require(columns, radius_key)
+  _require(columns, predict_key)
+  radius = _as_1d(columns[radius_key], radius_key)
+  predict = _as_1d(columns[predict_key], predict_key)
+  correct = _correct_for(columns, predict_key, correct_key)
+  if not radius.shape == predict.shape == correct.shape:
+    raise errors.InputError(
+        f'columns differ in length: {radius_key} {radius.size}, '
+        f'{predict_key} {predict.size}, correct {correct.size}')
+  return radius, correct
+
+
+def summarize(
+    columns_or_path: Mapping[str, Any] | PathLike,
+    radii: Sequence[float] = DEFAULT_RADII,
+    *,
+    radius_key: str = 'radius',
+    predict_key: str = 'predict',
+    correct_key: str | None = None,
+    level: float = 0.95,
+) -> dict[str, Any]:
+  """Summarises one certification run.
+
+  Args:
+    columns_or_path: a TSV path (read with `read_tsv`) or columns by name.
+    radii: radii at which to report certified accuracy.
+    radius_key: the radius column (e.g. ``'radius_mem'``).
+    predict_key: the prediction column, -1 = abstain (e.g. ``'predict_mem'``).
+    correct_key: the 0/1 correctness column. None: ``'correct'`` when
+      `predict_key` is ``'predict'``, else derived as
+      ``(columns[predict_key] == columns['label']) & (prediction != -1)``.
+    level: confidence level of the Clopper-Pearson intervals.
+
+  Returns:
+    A JSON-serialisable dict: ``num_examples`` (int), ``radii``,
+    ``certified_accuracy``, ``num_certified`` (the k of each accuracy),
+    ``ci_low``, ``ci_high`` (lists, one per radius), ``acr``,
+    ``abstain_rate``, ``clean_accuracy`` (certified accuracy at r = 0, i.e.
+    accuracy of the smoothed classifier with abstention counted wrong),
+    ``mean_time_s`` (None without a ``time`` column), ``radius_key``,
+    ``predict_key``, and ``path`` when given a path.
+
+  Raises:
+    InputError: a needed column is missing, lengths differ, no rows.
+    DataError: the path cannot be read.
+  """
+  path = None
+  if isinstance(columns_or_path, (str, os.PathLike)):
+    path = os.fspath(columns_or_path)
+    columns = read_tsv(path)
+  else:
+    columns = columns_or_path
+  where = f'{path}: ' if path else ''
+  try:
+    radius, correct = radius_and_correct(
+        columns, radius_key=radius_key, predict_key=predict_key,
+        correct_key=correct_key)
+    predict = _as_1d(columns[predict_key], predict_key)
+    radii = [float(r) for r in np.atleast_1d(np.asarray(radii, np.float64))]
+    accuracy = certified_accuracy(radius, correct, radii)
+  except errors.InputError as e:
+    raise errors.InputError(f'{where}{e}') from None
+  n = int(radius.size)
+  k = np.rint(accuracy * n).astype(np.int64)
+  lo, hi = clopper_pearson_interval(k, n, level)
+  mean_time = None
+  if 'time' in columns:
+    time = np.asarray(columns['time'])
+    if time.dtype.kind in 'iuf' and time.size:
+      mean_time = float(np.mean(time))
+      mean_time = mean_time if math.isfinite(mean_time) else None
+  summary = {
+      'num_examples': n,
+      'radii': radii,
+      'certified_accuracy': [float(a) for a in accuracy],
+      'num_certified': [int(x) for x in k],
+      'ci_low': [float(x) for x in lo],
+      'ci_high': [float(x) for x in hi],
+      'acr': float(np.mean(correct * radius)),
+      'abstain_rate': float(np.mean(predict == ABSTAIN)),
+      'clean_accuracy': float(certified_accuracy(radius, correct, 0.0)),
+      'mean_time_s': mean_time,
+      'radius_key': radius_key,
+      'predict_key': predict_key,
+  }
+  if path is not None:
+    summary['path'] = path
+  return summary
+
+
+# ---------------------------------------------------------------------------
+# Presentation.
+# ---------------------------------------------------------------------------
+
+
+def default_run_names(paths: Sequence[PathLike]) -> list[str]:
+  """Short unique names for runs: file stems, plus parent dirs if ambiguous.
+
+  Args:
+    paths: TSV paths.
+
+  Returns:
+    One name per path, e.g. ``noise_0.25`` or ``sigma_0.25/certify``.
+  """
+  parts = [os.path.normpath(os.path.abspath(os.fspath(p))).split(os.sep)
+           for p in paths]
+  parts = [p[:-1] + [os.path.splitext(p[-1])[0]] for p in parts]
+  depth = 1
+  while True:
+    names = ['/'.join(p[-depth:]) for p in parts]
+    if len(set(names)) == len(names) or depth >= max(map(len, parts)):
+      break
+    depth += 1
+  if len(set(names)) != len(names):  # The same file given twice.
+    names = [f'{p[-1]}#{i}' for i, p in enumerate(parts)]
+  return names
+
+
+def _radius_label(r: float) -> str:
+  return f'{r:g}'
+
+
+def format_table(
+    summaries: Mapping[str, Mapping[str, Any]],
+    *,
+    fmt: str = 'markdown',
+    ci: bool = True,
+) -> str:
+  """Formats summaries as a table with one row per run.
+
+  Columns: run name, n, certified accuracy at each radius (the union of the
+  runs' radii; ``-`` where a run lacks one), ACR, abstain rate, mean time per
+  example. In Markdown each accuracy reads ``0.600 [0.556, 0.643]`` (95%
+  Clopper-Pearson interval, omitted with ``ci=False``), with 3 decimals. In
+  CSV every number is its own column (``acc@0.25``, ``ci_low@0.25``, ...).
+
+  Args:
+    summaries: `summarize` outputs by run name.
+    fmt: ``'markdown'`` or ``'csv'``.
+    ci: whether to include the confidence intervals.
+
+  Returns:
+    The table (Markdown is padded to align in a terminal), ending in newline.
+
+  Raises:
+    InputError: on an unknown `fmt` or no summaries.
+  """
+  if fmt not in ('markdown', 'csv'):
+    raise errors.InputError(f"fmt must be 'markdown' or 'csv', got {fmt!r}")
+  if not summaries:
+    raise errors.InputError('no summaries to format')
+  radii = sorted({float(r) for s in summaries.values() for r in s['radii']})
+
+  def at(s, key, r):
+    for i, sr in enumerate(s['radii']):
+      if float(sr) == r:
+        return s[key][i]
+    return None
+
+  if fmt == 'csv':
+    header = ['name', 'n']
+    for r in radii:
+      header.append(f'acc@{_radius_label(r)}')
+      if ci:
+        header += [f'ci_low@{_radius_label(r)}', f'ci_high@{_radius_label(r)}']
+    header += ['acr', 'abstain_rate', 'mean_time_s']
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator='\n')
+    writer.writerow(header)
+    num = lambda x: '' if x is None else f'{x:.6g}'
+    for name, s in summaries.items():
+      row = [name, s['num_examples']]
+      for r in radii:
+        row.append(num(at(s, 'certified_accuracy', r)))
+        if ci:
+          row += [num(at(s, 'ci_low', r)), num(at(s, 'ci_high', r))]
+      row += [num(s['acr']), num(s['abstain_rate']), num(s.get('mean_time_s'))]
+      writer.writerow(row)
+    return buf.getvalue()
+
+  header = ['run', 'n'] + [f'r={_radius_label(r)}' for r in radii]
+  header += ['ACR', 'abstain', 's/example']
+  rows = []
+  for name, s in summaries.items():
+    row = [str(name).replace('|', '\\|'), str(s['num_examples'])]
+    for r in radii:
+      acc = at(s, 'certified_accuracy', r)
+      if acc is None:
+        row.append('-')
+      elif ci:
+        row.append(f'{acc:.3f} [{at(s, "ci_low", r):.3f}, '
+                   f'{at(s, "ci_high", r):.3f}]')
+      else:
+        row.append(f'{acc:.3f}')
+    time = s.get('mean_time_s')
+    row += [f'{s["acr"]:.3f}', f'{s["abstain_rate"]:.3f}',
+            '-' if time is None else f'{time:.3g}']
+    rows.append(row)
+  widths = [max(len(r[j]) for r in [header] + rows) for j in range(len(header))]
+  lines = []
+  for j, row in enumerate([header, None] + rows):
+    if row is None:
+      cells = ['-' * w if j == 0 else '-' * (w - 1) + ':'
+               for j, w in enumerate(widths)]
+    else:
+      cells = [c.ljust(w) if j == 0 else c.rjust(w)
+               for j, (c, w) in enumerate(zip(row, widths))]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+TABLE_NOTE = (
+    'Certified accuracy at L2 radius r (fraction of examples correct with '
+    'certified radius >= r) [two-sided 95% Clopper-Pearson interval]; ACR = '
+    'average certified radius (abstentions and errors count as 0); abstain = '
+    'fraction of abstentions; s/example = mean certification time.')
+
+
+def _curve_of(name: str, value: Any) -> tuple[str, Any]:
+  """Returns ('points', (radii, acc)) for a summary, ('raw', (r, c)) else."""
+  if isinstance(value, Mapping):
+    if 'certified_accuracy' in value:
+      return 'points', (np.asarray(value['radii'], np.float64),
+                        np.asarray(value['certified_accuracy'], np.float64))
+    if 'radius' in value and 'correct' in value:
+      return 'raw', (value['radius'], value['correct'])
+    raise errors.InputError(
+        f'curve {name!r}: expected a summary, columns with radius and '
+        f'correct, or a (radius, correct) pair; got keys {sorted(value)}')
+  try:
+    radius, correct = value
+  except (TypeError, ValueError):
+    raise errors.InputError(
+        f'curve {name!r}: expected a (radius, correct) pair') from None
+  return 'raw', (radius, correct)
+
+
+def plot_certified_accuracy(
+    curves: Mapping[str, Any],
+    path: PathLike,
+    *,
+    title: str | None = None,
+    max_radius: float | None = None,
+    num_points: int = 1000,
+) -> None:
+  """Plots certified accuracy against L2 radius, several runs on one plot.
+
+  Raw curves are evaluated on ``np.linspace(0, max_radius, num_points)``,
+  which draws the exact step function at screen resolution; summaries only
+  hold a few radii and are drawn as markers joined by lines. The legend
+  gives each run's ACR where it is known.
+
+  Uses matplotlib's object-oriented API with the Agg canvas, without pyplot,
+  so it changes no global backend (notebooks keep theirs).
+
+  Args:
+    curves: by run name, any of: a ``(radius, correct)`` pair of arrays;
+      columns from `read_tsv` (uses ``radius`` and ``correct``); a
+      `summarize` output.
+    path: the PNG to write (atomically; directory created if missing).
+    title: the plot title; default ``'Certified accuracy'``.
+    max_radius: right end of the x axis; default: just past the largest
+      radius of any run (1.0 if all are 0).
+    num_points: grid size for raw curves.
+
+  Raises:
+    InputError: no curves, or a curve of the wrong form.
+    DataError: the file cannot be written.
+  """
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  # pylint: enable=g-import-not-at-top
+
+  if not curves:
+    raise errors.InputError('no curves to plot')
+  parsed = {name: _curve_of(name, value) for name, value in curves.items()}
+  largest = 0.0
+  for name, (kind, (x, y)) in parsed.items():
+    if kind == 'raw':
+      x = _as_1d(x, f'{name}: radius')
+      x = x[np.asarray(y) == 1] if x.shape == np.shape(y) else x
+    if np.size(x):
+      largest = max(largest, float(np.max(x)))
+  if max_radius is None:
+    max_radius = 1.05 * largest if largest > 0 else 1.0
+  if not max_radius > 0:
+    raise errors.InputError(f'max_radius must be > 0, got {max_radius}')
+
+  fig = Figure(figsize=(7, 4.5), dpi=150)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  grid = np.linspace(0.0, max_radius, num_points)
+  for name, (kind, (x, y)) in parsed.items():
+    if kind == 'raw':
+      try:
+        acc = certified_accuracy(x, y, grid)
+      except errors.InputError as e:
+        raise errors.InputError(f'curve {name!r}: {e}') from None
+      acr = float(np.mean(np.asarray(y, np.float64) *
+                          np.asarray(x, np.float64)))
+      ax.plot(grid, acc, label=f'{name} (ACR {acr:.3f})', linewidth=1.6)
+    else:
+      keep = x <= max_radius
+      label = name
+      summary = curves[name]
+      if isinstance(summary, Mapping) and 'acr' in summary:
+        label = f'{name} (ACR {summary["acr"]:.3f})'
+      ax.plot(x[keep], y[keep], marker='o', label=label, linewidth=1.6)
+  ax.set_xlim(0.0, max_radius)
+  ax.set_ylim(0.0, 1.0)
+  ax.set_xlabel('L2 radius (in [0,1] pixel space)')
+  ax.set_ylabel('Certified accuracy')
+  ax.set_title(title if title is not None else 'Certified accuracy')
+  ax.grid(True, alpha=0.3)
+  ax.legend(loc='upper right', fontsize='small')
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png')
+  _atomic_write(os.fspath(path), buf.getvalue())
+

@@ -1,0 +1,153 @@
+"""The config schema every dds_jax config file shares, and its validation.
+
+A config file's `get_config(arg)` starts from `base_config()` and sets the
+values of its experiment; it never adds keys (launchers lock the config, so a
+typo in `--config.x=y` fails). `validate` turns impossible values into a
+`ConfigError` before any work starts.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dds_jax.errors import ConfigError
+
+MODEL_NAMES = ("small_cnn", "resnet18", "resnet50")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys, with neutral defaults. Grouped by concern."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"          # digits | imagefolder:<dir or zip> | tfds:<name>
+  c.data.train_split = "train"
+  c.data.test_split = "test"
+  c.data.class_names = ()         # () = sorted class folder names / dataset's own
+  c.data.cache_dir = ""           # "" = $DDS_JAX_CACHE or ~/.cache/dds_jax
+  c.data.data_dir = ""            # TFDS data_dir ("" = TFDS default)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "small_cnn"
+  c.model.num_classes = 10
+
+  c.noise = ml_collections.ConfigDict()
+  c.noise.kind = "gaussian"       # gaussian (L2) | uniform (L1)
+  c.noise.sigma = 0.25            # training sigma and fixed certification sigma
+
+  c.train = ml_collections.ConfigDict()
+  c.train.method = "gaussian"     # Gaussian augmentation (Cohen et al.)
+  c.train.epochs = 10
+  c.train.batch_size = 128        # global batch
+  c.train.lr = 0.1
+  c.train.momentum = 0.9
+  c.train.nesterov = False
+  c.train.weight_decay = 5e-4
+  c.train.schedule = "cosine"     # constant | step | cosine
+  c.train.step_epochs = 30        # step schedule: decay every this many epochs
+  c.train.step_factor = 0.1
+  c.train.warmup_epochs = 0
+  c.train.crop_padding = 0        # random crop with this padding (0 = off)
+  c.train.flip = False            # random horizontal flip
+  c.train.eval_examples = 500     # test examples for the per-epoch noisy accuracy
+  c.train.log_every_steps = 50
+
+  c.certify = ml_collections.ConfigDict()
+  c.certify.n0 = 100
+  c.certify.n = 100_000
+  c.certify.alpha = 0.001
+  c.certify.skip = 1              # Cohen: every skip-th test example ...
+  c.certify.max = -1              # ... with index < max (-1: all)
+  c.certify.batch_size = 1000     # noisy images per device per forward pass
+  c.certify.samples_per_block = 100
+  c.certify.examples_per_call = 32  # examples per sampler call (rows per flush)
+  c.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = 0          # 0 = all local devices
+
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_steps = 500
+  c.ckpt.max_to_keep = 2
+  return c
+
+
+def parse_arg(arg: str | None, known: dict[str, object]) -> dict[str, object]:
+  """Parses 'small', 'sigma=0.5,small' style config args against defaults.
+
+  Args:
+    arg: the text after ':' in `--config=file.py:arg`, or None.
+    known: name -> default; a bare word sets a bool default to True.
+
+  Returns:
+    `known` updated with the values in arg, converted to the defaults' types.
+  """
+  out = dict(known)
+  for item in filter(None, (arg or "").split(",")):
+    k, eq, v = item.partition("=")
+    k = k.strip()
+    if k not in known:
+      raise ConfigError(f"unknown config arg {k!r}; known: {sorted(known)}")
+    default = known[k]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ConfigError(f"config arg {k!r} needs a value ({k}=...)")
+      out[k] = True
+    elif isinstance(default, bool):
+      out[k] = v.lower() in ("1", "true", "yes")
+    else:
+      try:
+        out[k] = type(default)(v)
+      except ValueError:
+        raise ConfigError(f"config arg {k}={v!r}: expected "
+                          f"{type(default).__name__}") from None
+  return out
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks keys against the schema and values for sense; returns config."""
+  def check_keys(have, want, prefix=""):
+    for k in have.keys():
+      if k not in want:
+        raise ConfigError(f"unknown config key {prefix}{k!r}; known keys: "
+                          f"{sorted(want.keys())}")
+      if isinstance(want[k], ml_collections.ConfigDict):
+        if not isinstance(have[k], ml_collections.ConfigDict):
+          raise ConfigError(f"config key {prefix}{k} must be a group")
+        check_keys(have[k], want[k], f"{prefix}{k}.")
+    for k in want.keys():
+      if k not in have:
+        raise ConfigError(f"config is missing key {prefix}{k}")
+  check_keys(config, base_config())
+
+  def need(ok, msg):
+    if not ok:
+      raise ConfigError(msg)
+  need(config.model.name in MODEL_NAMES,
+       f"model.name={config.model.name!r}; expected one of {MODEL_NAMES}")
+  need(config.model.num_classes >= 2, "model.num_classes must be >= 2")
+  need(config.noise.kind in ("gaussian", "uniform"),
+       f"noise.kind={config.noise.kind!r}; expected gaussian or uniform")
+  need(config.noise.sigma > 0, f"noise.sigma must be > 0; got "
+       f"{config.noise.sigma}")
+  need(config.train.method == "gaussian",
+       f"train.method={config.train.method!r}; this version trains with "
+       "'gaussian' augmentation")
+  need(config.train.schedule in SCHEDULES,
+       f"train.schedule={config.train.schedule!r}; expected one of {SCHEDULES}")
+  need(config.train.epochs >= 1 and config.train.batch_size >= 1,
+       "train.epochs and train.batch_size must be >= 1")
+  need(config.train.lr > 0, "train.lr must be > 0")
+  c = config.certify
+  need(c.n0 >= 1 and c.n >= 1, f"certify.n0 and certify.n must be >= 1; got "
+       f"n0={c.n0}, n={c.n}")
+  need(0 < c.alpha < 1, f"certify.alpha must be in (0, 1); got {c.alpha}")
+  need(c.skip >= 1, f"certify.skip must be >= 1; got {c.skip}")
+  need(c.samples_per_block >= 1 and c.batch_size % c.samples_per_block == 0,
+       f"certify.batch_size ({c.batch_size}) must be a positive multiple of "
+       f"certify.samples_per_block ({c.samples_per_block})")
+  need(c.examples_per_call >= 1, "certify.examples_per_call must be >= 1")
+  need(config.mesh.num_devices >= 0, "mesh.num_devices must be >= 0")
+  return config

@@ -1,0 +1,56 @@
+r"""Digits (scikit-learn's bundled 8x8 handwritten digits): the default job.
+
+Real data shipped inside scikit-learn, so it runs offline on a fresh machine.
+Train a small CNN with Gaussian augmentation at sigma 0.25, then certify the
+360 test images at N = 10,000 (a few minutes on a 2-core CPU):
+
+  python -m launch.run --config=dds_jax/configs/digits.py --workdir=runs/digits
+
+Args after ':' (comma separated): `small` (seconds: for tests and CI),
+`sigma=<float>`, `epochs=<int>`, `n=<int>`. Example:
+
+  python -m launch.run --config=dds_jax/configs/digits.py:small,sigma=0.5 \
+      --workdir=/tmp/digits
+"""
+
+from dds_jax.configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, {"small": False, "sigma": 0.25, "epochs": 30,
+                                "n": 10_000})
+  c = common.base_config()
+  c.data.name = "digits"
+  c.model.name = "small_cnn"
+  c.model.num_classes = 10
+  c.noise.sigma = args["sigma"]
+
+  c.train.epochs = args["epochs"]
+  c.train.batch_size = 64
+  c.train.lr = 0.05
+  c.train.weight_decay = 5e-4
+  c.train.schedule = "cosine"
+  c.train.crop_padding = 1
+  c.train.flip = False            # a flipped digit is another digit
+  c.train.eval_examples = 360
+  c.train.log_every_steps = 100
+
+  c.certify.n0 = 100
+  c.certify.n = args["n"]
+  c.certify.alpha = 0.001
+  c.certify.batch_size = 1000
+  c.certify.examples_per_call = 40
+  c.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+  c.ckpt.every_steps = 500
+  if args["small"]:
+    c.train.epochs = 2
+    c.train.eval_examples = 100
+    c.certify.n0 = 50
+    c.certify.n = 300
+    c.certify.skip = 12             # 30 test images
+    c.certify.batch_size = 200
+    c.certify.samples_per_block = 50
+    c.certify.examples_per_call = 8
+    c.ckpt.every_steps = 20
+  return c

@@ -1,0 +1,263 @@
+"""The Monte Carlo sampler: class counts of f(x + noise), sharded over devices.
+
+Work is cut into *blocks*: `samples_per_block` noisy copies of one example. The
+noise of block k of an example depends only on (key, purpose, example id, k)
+(see `dds_jax.noise.block_key`). Each device runs a forward pass of one fixed
+shape, `batch_size` noisy images = `batch_size // samples_per_block` blocks,
+which may belong to different examples; the blocks of one example may land on
+different devices. Counts per block are summed on the host. So:
+
+  * memory is bounded by `batch_size` per device, whatever `num_samples`;
+  * nothing recompiles across examples, sigma values or the last partial block
+    (sigma, example ids, block ids and the number of valid samples of a block
+    are traced arguments);
+  * counts are identical whatever the number of examples per call or the
+    number of devices (the same blocks meet in the same per-device batches
+    on one or several devices).
+
+The per-device program is written with `jax.shard_map` over the `data` axis of
+a mesh from `make_mesh`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from dds_jax import noise as noise_lib
+from dds_jax.errors import InputError
+
+DATA_AXIS = "data"
+DEFAULT_SAMPLES_PER_BLOCK = 100
+DEFAULT_BATCH_SIZE = 1000
+
+ApplyFn = Callable[[object, jax.Array], jax.Array]
+
+
+def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
+  """A 1-D mesh with a `data` axis over the first `num_devices` devices.
+
+  Auto axis types: make_mesh's default Explicit axes break a vmapped
+  `norm.ppf`, and we shard by hand with shard_map where it matters anyway.
+  """
+  devices = jax.devices()
+  num_devices = num_devices or len(devices)
+  if not 1 <= num_devices <= len(devices):
+    raise InputError(f"num_devices={num_devices}, but {len(devices)} "
+                     f"device(s) are available")
+  return jax.make_mesh((num_devices,), (DATA_AXIS,),
+                       axis_types=(AxisType.Auto,),
+                       devices=devices[:num_devices])
+
+
+def check_images(x, name: str = "x") -> np.ndarray:
+  """Validates a batch of images: float NHWC, finite, in [0, 1]."""
+  x = np.asarray(x)
+  if x.ndim != 4:
+    raise InputError(f"{name} must be a batch of images [B, H, W, C]; got "
+                     f"shape {x.shape}")
+  if not np.issubdtype(x.dtype, np.floating):
+    raise InputError(f"{name} must hold floats in [0, 1]; got dtype {x.dtype} "
+                     "(divide uint8 images by 255)")
+  if x.shape[0] == 0:
+    raise InputError(f"{name} is empty")
+  if not np.all(np.isfinite(x)):
+    raise InputError(f"{name} contains NaN or infinite pixels")
+  lo, hi = float(x.min()), float(x.max())
+  if lo < 0.0 or hi > 1.0:
+    raise InputError(f"{name} must be in [0, 1] pixel space (noise is added "
+                     f"before the model normalises); got range [{lo:.4g}, "
+                     f"{hi:.4g}]")
+  return x.astype(np.float32, copy=False)
+
+
+def check_sigma(sigma, batch: int) -> np.ndarray:
+  """Validates sigma (scalar or one per example) and broadcasts it to [B]."""
+  sigma = np.asarray(sigma, np.float64)
+  if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] != batch):
+    raise InputError(f"sigma must be a scalar or have shape [{batch}]; got "
+                     f"shape {sigma.shape}")
+  if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
+    raise InputError(f"sigma must be finite and > 0; got {sigma}")
+  return np.broadcast_to(sigma, (batch,)).astype(np.float32)
+
+
+def check_count(value, name: str) -> int:
+  if isinstance(value, bool) or int(value) != value or value < 1:
+    raise InputError(f"{name} must be an integer >= 1; got {value!r}")
+  return int(value)
+
+
+_SHAPE_CACHE = {}
+
+
+def num_classes_of(apply_fn: ApplyFn, params, x: np.ndarray) -> int:
+  """Number of classes of apply_fn on images like x; a clear error if x does not fit."""
+  leaves = jax.tree.leaves(params)
+  sig = (apply_fn, x.shape[1:], x.dtype.str, jax.tree.structure(params),
+         tuple((np.shape(l), str(getattr(l, "dtype", type(l)))) for l in leaves))
+  if sig not in _SHAPE_CACHE:
+    spec = jax.ShapeDtypeStruct((1,) + x.shape[1:], jnp.float32)
+    try:
+      out = jax.eval_shape(apply_fn, params, spec)
+    except Exception as e:  # pylint: disable=broad-except
+      raise InputError(
+          f"images of shape {x.shape[1:]} (H, W, C) do not fit the model: "
+          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    if len(out.shape) != 2 or out.shape[0] != 1:
+      raise InputError(f"apply_fn must return logits [B, K]; got {out.shape}")
+    _SHAPE_CACHE[sig] = int(out.shape[1])
+  return _SHAPE_CACHE[sig]
+
+
+@functools.lru_cache(maxsize=64)
+def _count_step(apply_fn: ApplyFn, mesh, samples_per_block: int,
+                blocks_per_device: int, num_classes: int, kind: str,
+                image_shape: tuple[int, ...]):
+  """The jitted step: counts of `blocks_per_device` blocks on every device."""
+  s, p = samples_per_block, blocks_per_device
+
+  def local(params, key, purpose, x, sigma, ids, blocks, valid):
+    def noisy(xi, si, idi, bi):
+      k = noise_lib.block_key(key, purpose, idi, bi)
+      return xi[None] + noise_lib.draw(k, (s,) + image_shape, si, kind)
+    xs = jax.vmap(noisy)(x, sigma, ids, blocks)          # [p, s, H, W, C]
+    logits = apply_fn(params, xs.reshape((p * s,) + image_shape))
+    pred = jnp.argmax(logits, axis=-1).reshape(p, s)
+    hit = jax.nn.one_hot(pred, num_classes, dtype=jnp.int32)
+    mask = (jnp.arange(s)[None, :] < valid[:, None]).astype(jnp.int32)
+    return jnp.sum(hit * mask[..., None], axis=1)        # [p, K]
+
+  data = P(DATA_AXIS)
+  step = jax.shard_map(local, mesh=mesh,
+                       in_specs=(P(), P(), P(), data, data, data, data, data),
+                       out_specs=data, check_vma=False)
+  return jax.jit(step)
+
+
+def sample_counts(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
+                  num_samples: int, num_classes: Optional[int] = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, *,
+                  example_ids=None,
+                  purpose: int = noise_lib.Purpose.ESTIMATE,
+                  samples_per_block: int = DEFAULT_SAMPLES_PER_BLOCK,
+                  noise: str = "gaussian",
+                  mesh: Optional[jax.sharding.Mesh] = None,
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  ) -> np.ndarray:
+  """Counts of argmax f(x_b + e) over `num_samples` draws of noise, per example.
+
+  Args:
+    apply_fn: `apply_fn(params, images) -> logits [B, K]`. Keep one function
+      object: the compiled step is cached on it.
+    params: the model's variables.
+    x: [B, H, W, C] float images in [0, 1].
+    sigma: scalar or [B] noise level per example (> 0).
+    key: PRNG key (`jax.random.key(seed)`).
+    num_samples: draws per example.
+    num_classes: K; inferred from apply_fn when None.
+    batch_size: noisy images per device per forward pass (a multiple of
+      `samples_per_block`); fixes the compiled shape and memory.
+    example_ids: [B] global ids that key the noise (default arange(B)).
+      Pass dataset ids so that counts do not depend on how examples are
+      grouped into calls.
+    purpose: which noise stream (`dds_jax.noise.Purpose`).
+    samples_per_block: noisy copies per block; part of the noise's identity.
+    noise: 'gaussian' (L2) or 'uniform' (L1).
+    mesh: a mesh with a `data` axis (default: all local devices).
+    progress: called as progress(samples_done, samples_total).
+
+  Returns:
+    int64 counts [B, K]; each row sums to num_samples.
+  """
+  x = check_images(x)
+  b = x.shape[0]
+  sigma = check_sigma(sigma, b)
+  num_samples = check_count(num_samples, "num_samples")
+  samples_per_block = check_count(samples_per_block, "samples_per_block")
+  batch_size = check_count(batch_size, "batch_size")
+  if batch_size % samples_per_block:
+    raise InputError(f"batch_size={batch_size} must be a multiple of "
+                     f"samples_per_block={samples_per_block}")
+  if noise not in noise_lib.NOISE_KINDS:
+    raise InputError(f"noise must be one of {noise_lib.NOISE_KINDS}; got "
+                     f"{noise!r}")
+  inferred = num_classes_of(apply_fn, params, x)
+  if num_classes is not None and num_classes != inferred:
+    raise InputError(f"num_classes={num_classes} but the model has "
+                     f"{inferred} outputs")
+  if example_ids is None:
+    example_ids = np.arange(b)
+  example_ids = np.asarray(example_ids)
+  if example_ids.shape != (b,) or not np.issubdtype(example_ids.dtype,
+                                                    np.integer):
+    raise InputError(f"example_ids must be {b} integers; got "
+                     f"{example_ids.dtype} {example_ids.shape}")
+  return _sample_counts(apply_fn, params, x, sigma, key, num_samples, inferred,
+                        batch_size, example_ids, int(purpose),
+                        samples_per_block, noise, mesh or make_mesh(),
+                        progress)
+
+
+def _sample_counts(apply_fn, params, x, sigma, key, num_samples, num_classes,
+                   batch_size, example_ids, purpose, samples_per_block, noise,
+                   mesh, progress):
+  """`sample_counts` on checked inputs."""
+  b = x.shape[0]
+  s = samples_per_block
+  ndev = mesh.shape[DATA_AXIS]
+  per_device = batch_size // s
+  per_step = per_device * ndev
+  step = _count_step(apply_fn, mesh, s, per_device, num_classes, noise,
+                     tuple(x.shape[1:]))
+
+  # Work items: (example, block), example-major.
+  nblocks = math.ceil(num_samples / s)
+  item_example = np.repeat(np.arange(b), nblocks)
+  item_block = np.tile(np.arange(nblocks), b)
+  item_valid = np.minimum(s, num_samples - item_block * s)
+  total = item_example.size
+  nsteps = math.ceil(total / per_step)
+  pad = nsteps * per_step - total
+  item_example = np.concatenate([item_example, np.zeros(pad, np.int64)])
+  item_block = np.concatenate([item_block, np.zeros(pad, np.int64)])
+  item_valid = np.concatenate([item_valid, np.zeros(pad, np.int64)])
+
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  replicated = NamedSharding(mesh, P())
+  key = jax.device_put(key, replicated)
+  purpose = jax.device_put(jnp.int32(purpose), replicated)
+  ids32 = example_ids.astype(np.int64) % (2**31)  # fold_in takes 32 bits
+
+  done = np.cumsum(item_valid)
+  counts = np.zeros((b, num_classes), np.int64)
+  pending = collections.deque()
+
+  def collect():
+    sl, out = pending.popleft()
+    out = np.asarray(out)
+    real = min(sl.stop, total) - sl.start
+    if real > 0:
+      np.add.at(counts, item_example[sl][:real], out[:real])
+    if progress is not None:
+      progress(int(done[sl.stop - 1]), b * num_samples)
+
+  for i in range(nsteps):
+    sl = slice(i * per_step, (i + 1) * per_step)
+    ex = item_example[sl]
+    args = [x[ex], sigma[ex], ids32[ex].astype(np.int32),
+            item_block[sl].astype(np.int32), item_valid[sl].astype(np.int32)]
+    args = [jax.device_put(a, sharding) for a in args]
+    pending.append((sl, step(params, key, purpose, *args)))
+    if len(pending) > 4:  # keep a few steps in flight, bounded memory
+      collect()
+  while pending:
+    collect()
+  return counts

@@ -1,0 +1,411 @@
+"""Tests of dds_jax.analysis and launch.analyze."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dds_jax import analysis
+from dds_jax import errors
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+PEERS = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
+                     'peers', 'cohen2019-cifar10-resnet110')
+SIGMAS = ('0.12', '0.25', '0.50', '1.00')
+
+# Published in Cohen et al. (2019) / the repository's summary (3 decimals).
+PUBLISHED = {
+    '0.25': {'radii': (0.0, 0.25, 0.5, 0.75),
+             'acc': (0.748, 0.600, 0.428, 0.266), 'acr': 0.429},
+    '0.50': {'radii': (0.0, 0.25, 0.5, 0.75, 1.0),
+             'acc': (0.652, 0.546, 0.414, 0.320, 0.234), 'acr': 0.538},
+}
+
+HEADER = 'idx\tlabel\tpredict\tradius\tcorrect\ttime\n'
+
+
+def peer(sigma: str) -> str:
+  path = os.path.join(PEERS, f'noise_{sigma}.tsv')
+  if not os.path.exists(path):
+    pytest.skip(f'peer file {path} absent')
+  return path
+
+
+def write(path, text: str) -> str:
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+  return str(path)
+
+
+# ---------------------------------------------------------------------------
+# Reading the peer files.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('sigma', SIGMAS)
+def test_reads_peer_file_as_is(sigma):
+  columns = analysis.read_tsv(peer(sigma))
+  assert list(columns) == list(analysis.REQUIRED_COLUMNS)
+  assert all(len(c) == 500 for c in columns.values())
+  for name in ('idx', 'label', 'predict', 'correct'):
+    assert columns[name].dtype == np.int64
+  assert columns['radius'].dtype == np.float64
+  assert columns['time'].dtype == np.float64
+  np.testing.assert_array_equal(columns['idx'], np.arange(0, 10000, 20))
+  # Abstentions have radius 0 and are not correct.
+  abstain = columns['predict'] == -1
+  assert np.all(columns['radius'][abstain] == 0)
+  assert np.all(columns['correct'][abstain] == 0)
+  np.testing.assert_array_equal(
+      columns['correct'], columns['predict'] == columns['label'])
+  assert np.all((columns['time'] > 1) & (columns['time'] < 60))
+
+
+def test_time_formats():
+  # noise_0.12 uses H:MM:SS.ffffff, noise_0.25 seconds as floats.
+  t12 = analysis.read_tsv(peer('0.12'))['time']
+  t25 = analysis.read_tsv(peer('0.25'))['time']
+  assert t12[0] == pytest.approx(13.736080)
+  assert t25[0] == pytest.approx(15.4)
+  assert analysis.parse_duration('1:02:03.5') == pytest.approx(3723.5)
+  assert analysis.parse_duration('1 day, 0:00:01') == pytest.approx(86401)
+  assert analysis.parse_duration('2 days, 0:00:00') == pytest.approx(172800)
+  with pytest.raises(ValueError):
+    analysis.parse_duration('12 s')
+
+
+@pytest.mark.parametrize('sigma', sorted(PUBLISHED))
+def test_peer_file_reproduces_published_summary(sigma):
+  published = PUBLISHED[sigma]
+  summary = analysis.summarize(peer(sigma), published['radii'])
+  # What the 500 rows give exactly (counts out of 500).
+  expected_counts = {'0.25': [374, 300, 214, 133],
+                     '0.50': [326, 273, 207, 160, 117]}[sigma]
+  assert summary['num_certified'] == expected_counts
+  np.testing.assert_allclose(summary['certified_accuracy'],
+                             np.array(expected_counts) / 500)
+  # ... agrees with the published numbers to their 3 decimals.
+  np.testing.assert_allclose(summary['certified_accuracy'], published['acc'],
+                             atol=1e-3)
+  assert summary['acr'] == pytest.approx(published['acr'], abs=1e-3)
+  assert summary['clean_accuracy'] == summary['certified_accuracy'][0]
+  assert summary['num_examples'] == 500
+  assert summary['path'] == peer(sigma)
+  json.dumps(summary)  # JSON-serialisable.
+
+
+def test_peer_summaries_exact():
+  s25 = analysis.summarize(peer('0.25'))
+  assert s25['acr'] == pytest.approx(0.42888364, abs=1e-8)
+  assert s25['abstain_rate'] == pytest.approx(0.086)
+  s100 = analysis.summarize(peer('1.00'), (0.0, 1.0, 2.0, 3.0))
+  np.testing.assert_allclose(s100['certified_accuracy'],
+                             [0.472, 0.216, 0.100, 0.020])
+  assert s100['abstain_rate'] == pytest.approx(0.29)
+  s12 = analysis.summarize(peer('0.12'), (0.0, 0.25, 0.5))
+  np.testing.assert_allclose(s12['certified_accuracy'], [0.814, 0.586, 0.0])
+  assert s12['mean_time_s'] == pytest.approx(14.1, abs=0.1)
+
+
+# ---------------------------------------------------------------------------
+# Statistics.
+# ---------------------------------------------------------------------------
+
+
+def test_certified_accuracy_boundaries():
+  radius = np.array([0.0, 0.25, 0.5, 1.0, 0.75])
+  correct = np.array([0, 1, 1, 1, 0])
+  acc = analysis.certified_accuracy(radius, correct, [0.0, 0.25, 0.26, 1.0,
+                                                      1.01])
+  np.testing.assert_allclose(acc, [0.6, 0.6, 0.4, 0.2, 0.0])
+  # Same as the definition, on random data.
+  rng = np.random.default_rng(0)
+  radius = rng.exponential(0.5, 1000) * (rng.random(1000) < 0.9)
+  correct = (rng.random(1000) < 0.7).astype(int)
+  grid = np.linspace(0, 3, 77)
+  brute = [np.mean((correct == 1) & (radius >= r)) for r in grid]
+  np.testing.assert_allclose(
+      analysis.certified_accuracy(radius, correct, grid), brute)
+  with pytest.raises(errors.InputError):
+    analysis.certified_accuracy([], [], [0.0])
+  with pytest.raises(errors.InputError):
+    analysis.certified_accuracy([1.0, -0.5], [1, 1], [0.0])
+
+
+def test_clopper_pearson_matches_scipy_binomtest():
+  rng = np.random.default_rng(1)
+  n = rng.integers(1, 2000, size=40)
+  k = np.minimum(rng.integers(0, 2000, size=40), n)
+  k[:5] = 0
+  k[5:10] = n[5:10]
+  n[10], k[10] = 1, 0
+  n[11], k[11] = 1, 1
+  lo, hi = analysis.clopper_pearson_interval(k, n)
+  assert lo.shape == hi.shape == (40,)
+  for i in range(40):
+    ref = stats.binomtest(int(k[i]), int(n[i])).proportion_ci(
+        0.95, method='exact')
+    assert lo[i] == pytest.approx(ref.low, abs=1e-10)
+    assert hi[i] == pytest.approx(ref.high, abs=1e-10)
+  assert np.all(lo[:5] == 0) and np.all(hi[5:10] == 1)
+  # Scalars give floats; other levels agree too.
+  lo, hi = analysis.clopper_pearson_interval(300, 500, level=0.99)
+  ref = stats.binomtest(300, 500).proportion_ci(0.99, method='exact')
+  assert isinstance(lo, float) and isinstance(hi, float)
+  assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-10)
+
+
+@pytest.mark.parametrize('k,n,level', [(-1, 5, 0.95), (6, 5, 0.95),
+                                       (0, 0, 0.95), (1.5, 5, 0.95),
+                                       (1, 5, 1.0)])
+def test_clopper_pearson_rejects_bad_input(k, n, level):
+  with pytest.raises(errors.InputError):
+    analysis.clopper_pearson_interval(k, n, level)
+
+
+def test_summarize_alternative_columns():
+  columns = {
+      'idx': np.arange(4), 'label': np.array([1, 2, 3, 4]),
+      'predict': np.array([1, 2, -1, 0]),
+      'radius': np.array([0.5, 0.3, 0.0, 0.2]),
+      'correct': np.array([1, 1, 0, 0]),
+      'predict_mem': np.array([1, -1, 3, 4]),
+      'radius_mem': np.array([0.4, 0.0, 0.1, 0.6]),
+  }
+  base = analysis.summarize(columns, (0.0, 0.35))
+  assert base['certified_accuracy'] == [0.5, 0.25]
+  assert base['abstain_rate'] == 0.25
+  assert base['acr'] == pytest.approx(0.2)
+  assert base['mean_time_s'] is None
+  mem = analysis.summarize(columns, (0.0, 0.35), radius_key='radius_mem',
+                           predict_key='predict_mem')
+  # correct_mem = predict_mem == label: rows 0, 2, 3.
+  assert mem['certified_accuracy'] == [0.75, 0.5]
+  assert mem['abstain_rate'] == 0.25
+  assert mem['acr'] == pytest.approx((0.4 + 0.1 + 0.6) / 4)
+  with pytest.raises(errors.InputError, match='radius_x'):
+    analysis.summarize(columns, radius_key='radius_x')
+
+
+# ---------------------------------------------------------------------------
+# Writing, round trip, malformed files.
+# ---------------------------------------------------------------------------
+
+
+def test_write_read_round_trip_with_extra_columns(tmp_path):
+  path = tmp_path / 'sub' / 'certify.tsv'
+  columns = {
+      'idx': [0, 20, 40], 'label': [3, 7, 4], 'predict': [3, -1, 5],
+      'radius': np.array([0.378123456, 0.0, 1.0]),
+      'correct': np.array([1, 0, 0]), 'time': [15.4, 0.25, 3723.5],
+      'sigma': [0.25, 0.25, 0.25], 'p_lower': np.float32([0.9, 0.5, 0.99]),
+      'predict_mem': [3, 3, -1], 'radius_mem': [0.1, 0.2, 0.0],
+      'changed': np.array([False, True, True]), 'note': ['a', 'b c', 'd'],
+  }
+  order = list(columns)
+  analysis.write_tsv(path, columns, order)
+  back = analysis.read_tsv(path)
+  assert list(back) == order
+  for name in ('idx', 'label', 'predict', 'correct', 'predict_mem'):
+    np.testing.assert_array_equal(back[name], columns[name])
+    assert back[name].dtype == np.int64
+  np.testing.assert_allclose(back['radius'], columns['radius'], rtol=5e-6)
+  assert back['radius'][2] == 1.0
+  for name in ('time', 'sigma', 'radius_mem'):
+    np.testing.assert_allclose(back[name], columns[name], rtol=5e-6)
+    assert back[name].dtype == np.float64
+  np.testing.assert_allclose(back['p_lower'], columns['p_lower'], rtol=5e-6)
+  np.testing.assert_array_equal(back['changed'], [0, 1, 1])  # Bools as 1/0.
+  assert list(back['note']) == ['a', 'b c', 'd']
+  # Float columns stay floats even when every value is integral.
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  assert lines[0].split('\t') == order
+  assert lines[3].split('\t')[3] == '1.0'
+  # No temporary files left behind.
+  assert sorted(os.listdir(path.parent)) == ['certify.tsv']
+
+
+def test_write_lossless_and_default_order(tmp_path):
+  path = tmp_path / 'x.tsv'
+  rng = np.random.default_rng(2)
+  columns = {'extra': rng.random(5), 'radius': rng.random(5),
+             'correct': [1, 0, 1, 1, 0], 'predict': [1, 2, 3, 4, 5],
+             'label': [1, 0, 3, 4, 0], 'idx': np.arange(5),
+             'time': np.full(5, 1.5)}
+  analysis.write_tsv(path, columns, float_format=None)
+  back = analysis.read_tsv(path)
+  assert list(back) == list(analysis.REQUIRED_COLUMNS) + ['extra']
+  np.testing.assert_array_equal(back['radius'], columns['radius'])
+  np.testing.assert_array_equal(back['extra'], columns['extra'])
+
+
+def test_write_errors(tmp_path):
+  with pytest.raises(errors.InputError, match='not in'):
+    analysis.write_tsv(tmp_path / 'a.tsv', {'idx': [1]}, ['idx', 'radius'])
+  with pytest.raises(errors.InputError, match='length'):
+    analysis.write_tsv(tmp_path / 'a.tsv', {'a': [1], 'b': [1, 2]}, ['a', 'b'])
+  with pytest.raises(errors.InputError, match='tab'):
+    analysis.write_tsv(tmp_path / 'a.tsv', {'a': ['x\ty']}, ['a'])
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('body,line,what', [
+    ('idx\tlabel\tpredict\tradius\ttime\n0\t1\t1\t0.5\t1.0\n', 1, 'correct'),
+    (HEADER + '0\t1\t1\t0.5\t1\t1.0\n1\t1\t1\tabc\t1\t1.0\n', 3, 'abc'),
+    (HEADER + '0\t1\t1\t0.5\t1\t1.0\n1\t1\t1\t0.5\t1\n', 3, 'fields'),
+    (HEADER + '0\t1\tcat\t0.5\t1\t1.0\n', 2, 'predict'),
+    (HEADER + '0\t1\t1\t0.5\t2\t1.0\n', 2, '0 or 1'),
+    (HEADER + '0\t1\t1\t-0.5\t1\t1.0\n', 2, '>= 0'),
+    (HEADER + '0\t1\t1\tnan\t1\t1.0\n', 2, 'finite'),
+    (HEADER + '\n0\t1\t1\t0.5\t1\tyesterday\n', 3, 'time'),
+    (HEADER.replace('time', 'radius'), 1, 'duplicate'),
+    ('idx label predict radius correct time\n0 1 1 0.5 1 1.0\n', 1,
+     'tab-separated'),
+])
+def test_malformed_file_names_file_and_line(tmp_path, body, line, what):
+  path = write(tmp_path / 'bad.tsv', body)
+  with pytest.raises(errors.InputError) as info:
+    analysis.read_tsv(path)
+  message = str(info.value)
+  assert f'{path}:{line}:' in message
+  assert what in message
+
+
+def test_empty_and_missing_files(tmp_path):
+  with pytest.raises(errors.InputError, match='empty'):
+    analysis.read_tsv(write(tmp_path / 'empty.tsv', '\n'))
+  with pytest.raises(errors.DataError, match='no such file'):
+    analysis.read_tsv(tmp_path / 'missing.tsv')
+  with pytest.raises(errors.DataError):
+    analysis.summarize(str(tmp_path / 'missing.tsv'))
+  with pytest.raises(errors.DataError, match='directory'):
+    analysis.read_tsv(tmp_path)
+  # A header alone reads as zero rows, which cannot be summarised.
+  header_only = write(tmp_path / 'h.tsv', HEADER)
+  assert all(len(c) == 0 for c in analysis.read_tsv(header_only).values())
+  with pytest.raises(errors.InputError, match='h.tsv'):
+    analysis.summarize(header_only)
+
+
+def test_crlf_and_extra_column_inference(tmp_path):
+  path = write(tmp_path / 'crlf.tsv',
+               'idx\tlabel\tpredict\tradius\tcorrect\ttime\tflag\tname\r\n'
+               '0\t1\t1\t0.5\t1\t0:00:01.5\tTrue\tx\r\n')
+  columns = analysis.read_tsv(path)
+  assert columns['time'][0] == 1.5
+  assert columns['flag'].dtype == bool and columns['flag'][0]
+  assert columns['name'][0] == 'x'
+
+
+# ---------------------------------------------------------------------------
+# Presentation.
+# ---------------------------------------------------------------------------
+
+
+def test_format_table():
+  summaries = {
+      'a': analysis.summarize(peer('0.25'), (0.0, 0.25)),
+      'b': analysis.summarize(peer('0.50'), (0.25, 1.0)),
+  }
+  md = analysis.format_table(summaries)
+  lines = md.splitlines()
+  assert len(lines) == 4
+  assert 'r=0.25' in lines[0] and 'ACR' in lines[0]
+  assert '0.600 [0.556, 0.643]' in lines[2]
+  assert '0.429' in lines[2]
+  assert lines[3].split('|')[3].strip() == '-'  # b has no r=0.
+  assert len({len(line) for line in lines}) == 1  # Aligned.
+  short = analysis.format_table(summaries, ci=False)
+  assert '[' not in short and '0.600' in short
+  csv_text = analysis.format_table(summaries, fmt='csv')
+  rows = [r.split(',') for r in csv_text.splitlines()]
+  assert rows[0][:5] == ['name', 'n', 'acc@0', 'ci_low@0', 'ci_high@0']
+  assert rows[1][0] == 'a' and float(rows[1][5]) == 0.6
+  with pytest.raises(errors.InputError):
+    analysis.format_table(summaries, fmt='html')
+
+
+def test_default_run_names():
+  names = analysis.default_run_names(['x/noise_0.25.tsv', 'y/noise_0.5.tsv'])
+  assert names == ['noise_0.25', 'noise_0.5']
+  names = analysis.default_run_names(['a/s1/certify.tsv', 'b/s1/certify.tsv'])
+  assert names == ['a/s1/certify', 'b/s1/certify']
+  names = analysis.default_run_names(['a/c.tsv', 'a/c.tsv'])
+  assert names == ['c#0', 'c#1']
+
+
+def test_plot(tmp_path):
+  columns = analysis.read_tsv(peer('0.25'))
+  path = tmp_path / 'plot.png'
+  analysis.plot_certified_accuracy(
+      {'columns': columns,
+       'pair': (columns['radius'] * 0.5, columns['correct']),
+       'summary': analysis.summarize(columns)},
+      path, title='t')
+  with open(path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with pytest.raises(errors.InputError):
+    analysis.plot_certified_accuracy({'bad': 3}, tmp_path / 'b.png')
+  with pytest.raises(errors.InputError):
+    analysis.plot_certified_accuracy({}, tmp_path / 'b.png')
+
+
+# ---------------------------------------------------------------------------
+# The launcher, end to end.
+# ---------------------------------------------------------------------------
+
+
+def run_analyze(*args):
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+  return subprocess.run(
+      [sys.executable, '-m', 'launch.analyze', *map(str, args)],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+      check=False)
+
+
+def test_launcher_end_to_end(tmp_path):
+  out = tmp_path / 'out'
+  result = run_analyze(peer('0.25'), peer('0.50'), '--radii=0,0.25,0.5,1',
+                       f'--out={out}')
+  assert result.returncode == 0, result.stderr
+  assert '| noise_0.25 |' in result.stdout
+  assert '0.600 [0.556, 0.643]' in result.stdout
+  assert '| noise_0.50 |' in result.stdout
+  assert 'Traceback' not in result.stderr
+  with open(out / 'certified_accuracy.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(out / 'summary_table.md', encoding='utf-8') as f:
+    assert '0.600 [0.556, 0.643]' in f.read()
+  with open(out / 'summary.json', encoding='utf-8') as f:
+    summary = json.load(f)
+  assert summary['noise_0.50']['certified_accuracy'][3] == pytest.approx(0.234)
+
+  result = run_analyze(peer('0.25'), '--format=csv', '--names=x',
+                       f'--out={out}')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith('name,n,acc@0,')
+  assert (out / 'summary_table.csv').exists()
+
+
+@pytest.mark.parametrize('args,what', [
+    (['{missing}'], 'no such file'),
+    (['{peer}', '--radii=0,a'], '--radii'),
+    (['{peer}', '--names=a,b'], '--names'),
+    (['{bad}'], 'bad.tsv:2:'),
+])
+def test_launcher_errors_are_one_line(tmp_path, args, what):
+  bad = write(tmp_path / 'bad.tsv', HEADER + '0\t1\t1\tx\t1\t1\n')
+  args = [a.format(missing=tmp_path / 'missing.tsv', peer=peer('0.25'),
+                   bad=bad) for a in args]
+  result = run_analyze(*args, f'--out={tmp_path}')
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith('analyze: error: ') and what in lines[0]
+  assert not (tmp_path / 'certified_accuracy.png').exists()

@@ -1,0 +1,123 @@
+"""Sampler invariances: devices, examples per call, recompilation, memory."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import dds_jax
+from dds_jax import models
+from dds_jax import sampler
+from tests import conftest
+
+SHAPE = (8, 8, 1)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+  bundle = models.build("small_cnn", 10, SHAPE)
+  params = bundle.init(jax.random.key(0))
+  x = np.random.default_rng(0).uniform(size=(7,) + SHAPE).astype(np.float32)
+  return bundle, params, x
+
+
+def _counts(bundle, params, x, ids, **kw):
+  kw = {"num_samples": 250, "batch_size": 200, "samples_per_block": 50, **kw}
+  return dds_jax.sample_counts(bundle.apply_fn, params, x, 0.5,
+                               jax.random.key(42), example_ids=ids, **kw)
+
+
+def test_counts_do_not_depend_on_examples_per_call(cnn):
+  bundle, params, x = cnn
+  ids = np.arange(100, 107)
+  whole = _counts(bundle, params, x, ids)
+  assert np.all(whole.sum(1) == 250)
+  assert len(np.unique(whole.argmax(1))) >= 1
+  for n in (5, 6):           # n - 1, n, n + 1 around a call size of 6
+    parts = [_counts(bundle, params, x[i:i + n], ids[i:i + n])
+             for i in range(0, 7, n)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+  one_by_one = [_counts(bundle, params, x[i:i + 1], ids[i:i + 1])
+                for i in range(7)]
+  np.testing.assert_array_equal(np.concatenate(one_by_one), whole)
+
+
+def test_noise_is_keyed_by_example_id_not_position(cnn):
+  bundle, params, x = cnn
+  ids = np.arange(7)
+  a = _counts(bundle, params, x, ids)
+  b = _counts(bundle, params, x[::-1], ids[::-1])
+  np.testing.assert_array_equal(a, b[::-1])
+  c = _counts(bundle, params, x, ids + 1000)   # other ids: other noise
+  assert not np.array_equal(a, c)
+
+
+def test_no_recompilation_across_examples_sigma_and_partial_blocks(cnn):
+  bundle, params, x = cnn
+  _counts(bundle, params, x[:3], np.arange(3))
+  step = sampler._count_step(bundle.apply_fn, sampler.make_mesh(), 50, 4, 10,
+                             "gaussian", SHAPE)
+  before = step._cache_size()
+  for n, num_samples, sigma in [(1, 250, 0.1), (7, 999, 0.7), (2, 1, 2.0)]:
+    dds_jax.sample_counts(bundle.apply_fn, params, x[:n],
+                          np.linspace(0.1, sigma, n), jax.random.key(1),
+                          num_samples, batch_size=200, samples_per_block=50)
+  assert step._cache_size() == before == 1
+
+
+def test_num_samples_smaller_than_a_block_and_progress(cnn):
+  bundle, params, x = cnn
+  seen = []
+  counts = dds_jax.sample_counts(bundle.apply_fn, params, x[:2], 0.25,
+                                 jax.random.key(0), 7, batch_size=200,
+                                 samples_per_block=50,
+                                 progress=lambda d, t: seen.append((d, t)))
+  assert np.all(counts.sum(1) == 7)
+  assert seen[-1] == (14, 14)
+
+
+_CHILD = r"""
+import json, sys, jax, numpy as np
+import dds_jax
+from dds_jax import models
+assert len(jax.devices()) == 2, jax.devices()
+bundle = models.build("small_cnn", 10, (8, 8, 1))
+params = bundle.init(jax.random.key(0))
+x = np.random.default_rng(0).uniform(size=(7, 8, 8, 1)).astype(np.float32)
+out = {}
+for ndev in (1, 2):
+  mesh = dds_jax.make_mesh(ndev)
+  c = dds_jax.sample_counts(bundle.apply_fn, params, x, 0.5, jax.random.key(42),
+                            250, batch_size=200, samples_per_block=50,
+                            example_ids=np.arange(100, 107), mesh=mesh)
+  cert = dds_jax.certify(bundle.apply_fn, params, x, 0.5, jax.random.key(7),
+                         n0=50, n=300, batch_size=200, samples_per_block=50,
+                         mesh=mesh)
+  out[ndev] = {"counts": c.tolist(), "radius": cert.radius.tolist(),
+               "pred": cert.pred.tolist()}
+print(json.dumps(out))
+"""
+
+
+def test_two_devices_give_identical_counts_and_certificates(cnn):
+  bundle, params, x = cnn
+  res = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True,
+                       text=True, env=conftest.subprocess_env(2), timeout=300,
+                       cwd=conftest.REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  here = _counts(bundle, params, x, np.arange(100, 107))
+  cert = dds_jax.certify(bundle.apply_fn, params, x, 0.5, jax.random.key(7),
+                         n0=50, n=300, batch_size=200, samples_per_block=50)
+  for ndev in ("1", "2"):
+    np.testing.assert_array_equal(out[ndev]["counts"], here)
+    np.testing.assert_array_equal(out[ndev]["pred"], cert.pred)
+    assert out[ndev]["radius"] == cert.radius.tolist()
+
+
+def test_bad_mesh_size_is_a_clear_error():
+  with pytest.raises(dds_jax.InputError, match="device"):
+    dds_jax.make_mesh(len(jax.devices()) + 1)
