@@ -46,13 +46,27 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)))
+    items = dict(params=ocp.args.StandardSave(params),
+                 meta=ocp.args.JsonSave(meta))
+    if jax.tree.leaves(opt_state):  # e.g. plain SGD has an empty state
+      items["opt_state"] = ocp.args.StandardSave(opt_state)
+    self._manager.save(step, args=ocp.args.Composite(**items))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+
+  def read_meta(self, step: Optional[int] = None) -> dict[str, Any]:
+    """The JSON metadata of a step (default: the latest), without arrays."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint steps in {self.directory}")
+    try:
+      out = self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
+                            f"damaged: {type(e).__name__}: {e}") from None
+    return dict(out["meta"])
 
   def restore(self, params_like, opt_state_like=None,
               step: Optional[int] = None) -> dict[str, Any]:
@@ -74,7 +88,8 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint steps in {self.directory}")
     items = dict(params=ocp.args.StandardRestore(_abstract(params_like)),
                  meta=ocp.args.JsonRestore())
-    if opt_state_like is not None:
+    want_opt = opt_state_like is not None and jax.tree.leaves(opt_state_like)
+    if want_opt:
       items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -85,7 +100,7 @@ class Checkpointer:
           f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     result = {"params": out["params"], "meta": dict(out["meta"]), "step": step}
     if opt_state_like is not None:
-      result["opt_state"] = out["opt_state"]
+      result["opt_state"] = out["opt_state"] if want_opt else opt_state_like
     return result
 
   def close(self) -> None:

@@ -138,8 +138,11 @@ def make_eval_step(bundle: models.ModelBundle, noise_kind: str):
 
 def build_model(config: ml_collections.ConfigDict,
                 image_shape) -> models.ModelBundle:
+  kwargs = {}
+  if config.model.conv_features:
+    kwargs["conv_features"] = tuple(config.model.conv_features)
   return models.build(config.model.name, config.model.num_classes,
-                      tuple(image_shape))
+                      tuple(image_shape), **kwargs)
 
 
 def load_split(config: ml_collections.ConfigDict, split: str):
@@ -188,13 +191,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.ckpt.max_to_keep)
   start_epoch, start_batch, step = 0, 0, 0
   if ckpt.latest_step() is not None:
-    restored = ckpt.restore(variables, opt_state)
-    variables, opt_state = restored["params"], restored["opt_state"]
-    meta = restored["meta"]
+    meta = ckpt.read_meta()
     if meta.get("model") != config.model.name:
       raise ConfigError(f"{workdir} holds a checkpoint of model "
                         f"{meta.get('model')!r}, not {config.model.name!r}; "
                         "use another --workdir")
+    restored = ckpt.restore(variables, opt_state)
+    variables, opt_state = restored["params"], restored["opt_state"]
     step, start_epoch, start_batch = meta["step"], meta["epoch"], meta["batch"]
     print(f"resuming from step {step} (epoch {start_epoch}, batch "
           f"{start_batch})", flush=True)
@@ -276,11 +279,11 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
   bundle = build_model(config, image_shape)
   template = jax.eval_shape(bundle.init, jax.random.key(0))
   ckpt = ckpt_lib.Checkpointer(workdir, create=False)
-  restored = ckpt.restore(template)
-  ckpt.close()
-  meta = restored["meta"]
+  meta = ckpt.read_meta()
   if meta.get("model") != config.model.name:
     raise ConfigError(f"the checkpoint in {workdir} is of model "
                       f"{meta.get('model')!r}, not {config.model.name!r}")
+  restored = ckpt.restore(template)
+  ckpt.close()
   return bundle, restored["params"]
 

@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "small_cnn"
   c.model.num_classes = 10
+  c.model.conv_features = ()      # small_cnn widths; () = the model's default
 
   c.noise = ml_collections.ConfigDict()
   c.noise.kind = "gaussian"       # gaussian (L2) | uniform (L1)
@@ -128,6 +129,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.model.name in MODEL_NAMES,
        f"model.name={config.model.name!r}; expected one of {MODEL_NAMES}")
   need(config.model.num_classes >= 2, "model.num_classes must be >= 2")
+  need(not config.model.conv_features or config.model.name == "small_cnn",
+       "model.conv_features applies to small_cnn only")
   need(config.noise.kind in ("gaussian", "uniform"),
        f"noise.kind={config.noise.kind!r}; expected gaussian or uniform")
   need(config.noise.sigma > 0, f"noise.sigma must be > 0; got "

@@ -1,0 +1,377 @@
+r"""Throughput of `dds_jax.sampler.sample_counts` against the bare forward pass.
+
+Usage (from the repository root)::
+
+  PYTHONPATH=. python bench/sampler.py [--quick] [--models=small_cnn,resnet18]
+      [--batch_sizes=100,400] [--num_samples=small_cnn:10000,resnet18:800]
+      [--out=bench/results/sampler.json]
+
+For every model, input shape and per-device batch size it measures, with
+random-init parameters and compilation excluded (one warm-up call first):
+
+1. forward img/s: `jax.jit(bundle.apply_fn)` on a fixed batch of `batch_size`
+   images, back-to-back calls, `jax.block_until_ready` at the end;
+   sampler samples/s: `sample_counts(..., mesh=make_mesh(1))` on
+   `--num_examples` images with `num_samples` draws each (noise included);
+   their ratio. Forward and sampler repetitions alternate so that load from
+   other processes hits both alike; the median over repetitions is reported.
+2. 1 vs 2 devices: in a child process with
+   `XLA_FLAGS=--xla_force_host_platform_device_count=2`, sampler samples/s
+   with `make_mesh(1)` and `make_mesh(2)` at the same per-device batch size
+   (so two devices do twice the work per step), and their ratio.
+
+Also reported: noise-only img/s (the jitted per-block noise of one step, no
+model), which bounds what the sampler can reach on a CPU where noise and model
+share the cores.
+
+Writes every measurement and a machine description to --out as JSON and prints
+a Markdown table last.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dds_jax import models
+from dds_jax import noise as noise_lib
+from dds_jax import sampler
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_MODELS = flags.DEFINE_list('models', ['small_cnn', 'resnet18'],
+                            'Models to benchmark.')
+_BATCH_SIZES = flags.DEFINE_list(
+    'batch_sizes', ['100', '400'],
+    'Per-device batch sizes (noisy images per forward pass), each a multiple '
+    'of --samples_per_block; for all models.')
+_NUM_SAMPLES = flags.DEFINE_list(
+    'num_samples', ['small_cnn:10000', 'resnet18:800'],
+    'Draws per example, as one int for all models or MODEL:INT pairs.')
+_NUM_EXAMPLES = flags.DEFINE_integer(
+    'num_examples', 2, 'Examples per sample_counts call.')
+_SAMPLES_PER_BLOCK = flags.DEFINE_integer(
+    'samples_per_block', 100, 'Noisy copies per block.')
+_REPS = flags.DEFINE_integer('reps', 3, 'Timed repetitions (median taken).')
+_QUICK = flags.DEFINE_bool(
+    'quick', False, 'Tiny sizes (a smoke test that runs in under a minute).')
+_SKIP_DEVICES = flags.DEFINE_bool(
+    'skip_devices', False, 'Skip the 1 vs 2 device child process.')
+_OUT = flags.DEFINE_string('out', 'bench/results/sampler.json',
+                           'Where to write the JSON results.')
+_CHILD_OUT = flags.DEFINE_string(
+    'child_out', None, 'Internal: run the device comparison, write JSON here.')
+
+# (model, input shape) pairs; small_cnn at CIFAR and at digits size.
+_CASES = {
+    'small_cnn': [(32, 32, 3), (8, 8, 1)],
+    'resnet18': [(32, 32, 3)],
+    'resnet50': [(32, 32, 3)],
+}
+_NUM_CLASSES = 10
+_SIGMA = 0.25
+_QUICK_SETTINGS = dict(batch_sizes=[20], samples_per_block=10, num_samples=40,
+                       reps=1)
+
+
+def _settings() -> dict[str, Any]:
+  """Flag values, with --quick overrides."""
+  if _QUICK.value:
+    s = dict(_QUICK_SETTINGS)
+    s['num_samples'] = {m: s['num_samples'] for m in _MODELS.value}
+  else:
+    per_model = {}
+    for item in _NUM_SAMPLES.value:
+      if ':' in item:
+        name, n = item.split(':')
+        per_model[name] = int(n)
+      else:
+        per_model = {m: int(item) for m in _MODELS.value}
+    missing = [m for m in _MODELS.value if m not in per_model]
+    if missing:
+      raise app.UsageError(f'--num_samples has no value for {missing}')
+    s = dict(batch_sizes=[int(b) for b in _BATCH_SIZES.value],
+             samples_per_block=_SAMPLES_PER_BLOCK.value,
+             num_samples=per_model, reps=_REPS.value)
+  s['num_examples'] = _NUM_EXAMPLES.value
+  for b in s['batch_sizes']:
+    if b % s['samples_per_block']:
+      raise app.UsageError(f'batch size {b} is not a multiple of '
+                           f'samples_per_block={s["samples_per_block"]}')
+  for m in _MODELS.value:
+    if m not in _CASES:
+      raise app.UsageError(f'unknown model {m!r}; known: {sorted(_CASES)}')
+  return s
+
+
+def _configs(s: dict[str, Any]):
+  """Yields (model, input_shape, batch_size, num_samples) to measure."""
+  for m in _MODELS.value:
+    for shape in _CASES[m]:
+      for bs in s['batch_sizes']:
+        yield m, shape, bs, s['num_samples'][m]
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
+
+
+def _summary(times: list[float], work: int) -> dict[str, Any]:
+  """Median/min rate over repetitions of `work` items."""
+  return dict(times_s=times, items_per_rep=work,
+              median_per_s=work / statistics.median(times),
+              best_per_s=work / min(times))
+
+
+class _Case:
+  """One model, input shape and batch size, with its compiled functions."""
+
+  def __init__(self, model: str, shape, batch_size: int, num_samples: int,
+               s: dict[str, Any]):
+    self.bundle = models.build(model, _NUM_CLASSES, shape)
+    self.apply_fn = self.bundle.apply_fn  # one object: the step cache key
+    self.variables = self.bundle.init(0)
+    self.batch_size = batch_size
+    self.num_samples = num_samples
+    self.spb = s['samples_per_block']
+    rng = np.random.default_rng(0)
+    self.x = rng.uniform(size=(s['num_examples'],) + shape).astype(np.float32)
+    self.total = s['num_examples'] * num_samples
+    self.key = jax.random.key(0)
+
+  def sampler_fn(self, mesh, num_samples=None):
+    """A zero-argument call of sample_counts on this case."""
+    return lambda: sampler.sample_counts(
+        self.apply_fn, self.variables, self.x, _SIGMA, self.key,
+        num_samples or self.num_samples, _NUM_CLASSES, self.batch_size,
+        samples_per_block=self.spb, mesh=mesh)
+
+  def padding(self, ndev: int) -> float:
+    """Fraction of computed samples that are padding at `ndev` devices."""
+    blocks = self.x.shape[0] * math.ceil(self.num_samples / self.spb)
+    per_step = self.batch_size // self.spb * ndev
+    return 1.0 - self.total / (math.ceil(blocks / per_step) * per_step *
+                               self.spb)
+
+  def warm_sampler(self, mesh) -> None:
+    """Compiles the step (one short call; the step is cached by shape)."""
+    self.sampler_fn(mesh, num_samples=self.spb)()
+
+  def forward_fn(self, calls: int):
+    """`calls` back-to-back jitted forward passes on a fixed batch."""
+    fwd = jax.jit(self.apply_fn)
+    xb = jnp.asarray(np.resize(self.x, (self.batch_size,) + self.x.shape[1:]))
+    jax.block_until_ready(fwd(self.variables, xb))
+
+    def run():
+      out = None
+      for _ in range(calls):
+        out = fwd(self.variables, xb)
+      return out
+    return run
+
+  def noise_fn(self):
+    """The noise of one step (per_device blocks) alone, jitted."""
+    p = self.batch_size // self.spb
+    shape = self.x.shape[1:]
+
+    @jax.jit
+    def gen(key, x, sigma, ids, blocks):
+      def one(xi, si, idi, bi):
+        k = noise_lib.block_key(key, int(noise_lib.Purpose.ESTIMATE), idi, bi)
+        return xi[None] + noise_lib.draw(k, (self.spb,) + shape, si)
+      return jax.vmap(one)(x, sigma, ids, blocks)
+
+    args = (self.key, jnp.asarray(np.resize(self.x, (p,) + shape)),
+            jnp.full((p,), _SIGMA, jnp.float32), jnp.zeros((p,), jnp.int32),
+            jnp.arange(p, dtype=jnp.int32))
+    jax.block_until_ready(gen(*args))
+    return lambda: gen(*args)
+
+
+def _measure_main(s: dict[str, Any]) -> list[dict[str, Any]]:
+  """Part 1: forward vs sampler on one device, this process."""
+  mesh = sampler.make_mesh(1)
+  rows = []
+  for model, shape, bs, n in _configs(s):
+    case = _Case(model, shape, bs, n, s)
+    # Forward reps cover half the sampler's samples: enough to time, cheaper.
+    calls = max(1, math.ceil(case.total / bs / 2))
+    fwd = case.forward_fn(calls)
+    case.warm_sampler(mesh)
+    smp = case.sampler_fn(mesh)
+    noise = case.noise_fn()
+    t_f, t_s, t_n = [], [], []
+    for _ in range(s['reps']):
+      t_f.append(_timed(fwd))
+      t_s.append(_timed(smp))
+      t_n.append(_timed(noise))
+    row = dict(model=model, input_shape=list(shape), batch_size=bs,
+               num_examples=s['num_examples'], num_samples_per_example=n,
+               samples_per_block=case.spb, padding_fraction=case.padding(1),
+               forward=_summary(t_f, calls * bs),
+               sampler=_summary(t_s, case.total),
+               noise_only=_summary(t_n, bs))
+    row['ratio_sampler_over_forward'] = (row['sampler']['median_per_s'] /
+                                         row['forward']['median_per_s'])
+    print(f'[1 dev] {model} {shape} bs={bs}: forward '
+          f'{row["forward"]["median_per_s"]:.0f} img/s, sampler '
+          f'{row["sampler"]["median_per_s"]:.0f} samples/s, ratio '
+          f'{row["ratio_sampler_over_forward"]:.2f}', flush=True)
+    rows.append(row)
+  return rows
+
+
+def _measure_devices(s: dict[str, Any]) -> list[dict[str, Any]]:
+  """Part 2 (in the child): sampler at 1 vs 2 devices, same per-device batch."""
+  meshes = {1: sampler.make_mesh(1), 2: sampler.make_mesh(2)}
+  rows = []
+  for model, shape, bs, n in _configs(s):
+    case = _Case(model, shape, bs, n, s)
+    fns = {}
+    for d, mesh in meshes.items():
+      case.warm_sampler(mesh)
+      fns[d] = case.sampler_fn(mesh)
+    times = {1: [], 2: []}
+    for _ in range(s['reps']):
+      for d in meshes:
+        times[d].append(_timed(fns[d]))
+    row = dict(model=model, input_shape=list(shape), batch_size=bs,
+               num_examples=s['num_examples'], num_samples_per_example=n)
+    for d in meshes:
+      row[f'sampler_{d}dev'] = _summary(times[d], case.total)
+      row[f'padding_fraction_{d}dev'] = case.padding(d)
+    row['ratio_2dev_over_1dev'] = (row['sampler_2dev']['median_per_s'] /
+                                   row['sampler_1dev']['median_per_s'])
+    print(f'[1 vs 2 dev] {model} {shape} bs={bs}: '
+          f'{row["sampler_1dev"]["median_per_s"]:.0f} -> '
+          f'{row["sampler_2dev"]["median_per_s"]:.0f} samples/s, ratio '
+          f'{row["ratio_2dev_over_1dev"]:.2f}', flush=True)
+    rows.append(row)
+  return rows
+
+
+def _run_child() -> dict[str, Any]:
+  """Runs this script with 2 host devices; returns its JSON."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      ' --xla_force_host_platform_device_count=2').strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = os.pathsep.join(
+      [_REPO] + [p for p in [env.get('PYTHONPATH')] if p])
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'child.json')
+    argv = [sys.executable, os.path.abspath(__file__), f'--child_out={out}']
+    argv += [a for a in sys.argv[1:] if not a.startswith('--out')]
+    subprocess.run(argv, env=env, check=True)
+    with open(out) as f:
+      return json.load(f)
+
+
+def _machine() -> dict[str, Any]:
+  cpu = None
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          cpu = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  import flax  # pylint: disable=g-import-not-at-top
+  return dict(
+      cpu_model=cpu, nproc=os.cpu_count(),
+      sched_cpus=len(os.sched_getaffinity(0)),
+      platform=platform.platform(), python=platform.python_version(),
+      jax=jax.__version__, jaxlib=jax.lib.__version__, flax=flax.__version__,
+      backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      command=shlex.join([os.path.relpath(sys.executable, _REPO)] +
+                         sys.argv),
+      loadavg_start=list(os.getloadavg()))
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+  return '-' if v is None else f'{v:,.{digits}f}'
+
+
+def _table(main_rows, dev_rows) -> str:
+  """The Markdown summary."""
+  dev = {(r['model'], tuple(r['input_shape']), r['batch_size']): r
+         for r in dev_rows}
+  lines = [
+      '| model | input | batch/dev | forward img/s | noise-only img/s | '
+      'sampler samples/s | sampler/forward | 1-dev samples/s | '
+      '2-dev samples/s | 2-dev/1-dev |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in main_rows:
+    d = dev.get((r['model'], tuple(r['input_shape']), r['batch_size']), {})
+    lines.append(
+        f'| {r["model"]} | {"x".join(map(str, r["input_shape"]))} | '
+        f'{r["batch_size"]} | {_fmt(r["forward"]["median_per_s"])} | '
+        f'{_fmt(r["noise_only"]["median_per_s"])} | '
+        f'{_fmt(r["sampler"]["median_per_s"])} | '
+        f'{_fmt(r["ratio_sampler_over_forward"], 2)}x | '
+        f'{_fmt(d.get("sampler_1dev", {}).get("median_per_s"))} | '
+        f'{_fmt(d.get("sampler_2dev", {}).get("median_per_s"))} | '
+        f'{_fmt(d.get("ratio_2dev_over_1dev"), 2)}'
+        f'{"x" if d else ""} |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  s = _settings()
+  if _CHILD_OUT.value:
+    if len(jax.devices()) < 2:
+      raise RuntimeError('child needs 2 devices; XLA_FLAGS not applied?')
+    rows = _measure_devices(s)
+    with open(_CHILD_OUT.value, 'w') as f:
+      json.dump(dict(devices=[str(d) for d in jax.devices()], rows=rows), f)
+    return
+  machine = _machine()
+  t0 = time.perf_counter()
+  main_rows = _measure_main(s)
+  child = None if _SKIP_DEVICES.value else _run_child()
+  machine['loadavg_end'] = list(os.getloadavg())
+  result = dict(machine=machine, settings=s, sigma=_SIGMA,
+                num_classes=_NUM_CLASSES, wall_s=time.perf_counter() - t0,
+                forward_vs_sampler=main_rows,
+                devices_1_vs_2=child['rows'] if child else [],
+                child_devices=child['devices'] if child else [])
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, 'w') as f:
+      json.dump(result, f, indent=1)
+      f.write('\n')
+    print(f'wrote {_OUT.value} ({result["wall_s"]:.0f} s)')
+  print(_table(main_rows, result['devices_1_vs_2']))
+
+
+if __name__ == '__main__':
+  app.run(main)
