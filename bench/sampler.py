@@ -3,7 +3,7 @@ r"""Throughput of `dds_jax.sampler.sample_counts` against the bare forward pass.
 Usage (from the repository root)::
 
   PYTHONPATH=. python bench/sampler.py [--quick] [--models=small_cnn,resnet18]
-      [--batch_sizes=100,400] [--num_samples=small_cnn:10000,resnet18:800]
+      [--batch_sizes=100,400] [--num_samples=small_cnn:5000,resnet18:800]
       [--out=bench/results/sampler.json]
 
 For every model, input shape and per-device batch size it measures, with
@@ -23,6 +23,10 @@ random-init parameters and compilation excluded (one warm-up call first):
 Also reported: noise-only img/s (the jitted per-block noise of one step, no
 model), which bounds what the sampler can reach on a CPU where noise and model
 share the cores.
+
+Every timing also records cpu_per_wall, the CPU seconds the process got per
+wall second: below the core count, other processes shared the machine and the
+absolute rates (less so the interleaved ratios) are low.
 
 Writes every measurement and a machine description to --out as JSON and prints
 a Markdown table last.
@@ -67,7 +71,7 @@ _BATCH_SIZES = flags.DEFINE_list(
     'Per-device batch sizes (noisy images per forward pass), each a multiple '
     'of --samples_per_block; for all models.')
 _NUM_SAMPLES = flags.DEFINE_list(
-    'num_samples', ['small_cnn:10000', 'resnet18:800'],
+    'num_samples', ['small_cnn:5000', 'resnet18:800'],
     'Draws per example, as one int for all models or MODEL:INT pairs.')
 _NUM_EXAMPLES = flags.DEFINE_integer(
     'num_examples', 2, 'Examples per sample_counts call.')
@@ -133,17 +137,25 @@ def _configs(s: dict[str, Any]):
         yield m, shape, bs, s['num_samples'][m]
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-  t = time.perf_counter()
+def _timed(fn: Callable[[], Any], out: list[tuple[float, float]]) -> None:
+  """Appends (wall s, process CPU s) of one call of fn to out."""
+  c, t = os.times(), time.perf_counter()
   jax.block_until_ready(fn())
-  return time.perf_counter() - t
+  t, c2 = time.perf_counter() - t, os.times()
+  out.append((t, c2.user - c.user + c2.system - c.system))
 
 
-def _summary(times: list[float], work: int) -> dict[str, Any]:
-  """Median/min rate over repetitions of `work` items."""
+def _summary(timed: list[tuple[float, float]], work: int) -> dict[str, Any]:
+  """Median/best rate over repetitions of `work` items.
+
+  cpu_per_wall is the CPU time this process got per second (at most the core
+  count): well below it means other processes took the cores.
+  """
+  times = [t for t, _ in timed]
   return dict(times_s=times, items_per_rep=work,
               median_per_s=work / statistics.median(times),
-              best_per_s=work / min(times))
+              best_per_s=work / min(times),
+              cpu_per_wall=sum(c for _, c in timed) / sum(times))
 
 
 class _Case:
@@ -226,10 +238,11 @@ def _measure_main(s: dict[str, Any]) -> list[dict[str, Any]]:
     noise = case.noise_fn()
     t_f, t_s, t_n = [], [], []
     for _ in range(s['reps']):
-      t_f.append(_timed(fwd))
-      t_s.append(_timed(smp))
-      t_n.append(_timed(noise))
+      _timed(fwd, t_f)
+      _timed(smp, t_s)
+      _timed(noise, t_n)
     row = dict(model=model, input_shape=list(shape), batch_size=bs,
+               loadavg=list(os.getloadavg()),
                num_examples=s['num_examples'], num_samples_per_example=n,
                samples_per_block=case.spb, padding_fraction=case.padding(1),
                forward=_summary(t_f, calls * bs),
@@ -237,6 +250,8 @@ def _measure_main(s: dict[str, Any]) -> list[dict[str, Any]]:
                noise_only=_summary(t_n, bs))
     row['ratio_sampler_over_forward'] = (row['sampler']['median_per_s'] /
                                          row['forward']['median_per_s'])
+    row['ratio_best'] = (row['sampler']['best_per_s'] /
+                         row['forward']['best_per_s'])
     print(f'[1 dev] {model} {shape} bs={bs}: forward '
           f'{row["forward"]["median_per_s"]:.0f} img/s, sampler '
           f'{row["sampler"]["median_per_s"]:.0f} samples/s, ratio '
@@ -258,14 +273,17 @@ def _measure_devices(s: dict[str, Any]) -> list[dict[str, Any]]:
     times = {1: [], 2: []}
     for _ in range(s['reps']):
       for d in meshes:
-        times[d].append(_timed(fns[d]))
+        _timed(fns[d], times[d])
     row = dict(model=model, input_shape=list(shape), batch_size=bs,
+               loadavg=list(os.getloadavg()),
                num_examples=s['num_examples'], num_samples_per_example=n)
     for d in meshes:
       row[f'sampler_{d}dev'] = _summary(times[d], case.total)
       row[f'padding_fraction_{d}dev'] = case.padding(d)
     row['ratio_2dev_over_1dev'] = (row['sampler_2dev']['median_per_s'] /
                                    row['sampler_1dev']['median_per_s'])
+    row['ratio_best'] = (row['sampler_2dev']['best_per_s'] /
+                         row['sampler_1dev']['best_per_s'])
     print(f'[1 vs 2 dev] {model} {shape} bs={bs}: '
           f'{row["sampler_1dev"]["median_per_s"]:.0f} -> '
           f'{row["sampler_2dev"]["median_per_s"]:.0f} samples/s, ratio '
@@ -327,8 +345,8 @@ def _table(main_rows, dev_rows) -> str:
   lines = [
       '| model | input | batch/dev | forward img/s | noise-only img/s | '
       'sampler samples/s | sampler/forward | 1-dev samples/s | '
-      '2-dev samples/s | 2-dev/1-dev |',
-      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+      '2-dev samples/s | 2-dev/1-dev | CPU/wall |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in main_rows:
     d = dev.get((r['model'], tuple(r['input_shape']), r['batch_size']), {})
     lines.append(
@@ -340,7 +358,9 @@ def _table(main_rows, dev_rows) -> str:
         f'{_fmt(d.get("sampler_1dev", {}).get("median_per_s"))} | '
         f'{_fmt(d.get("sampler_2dev", {}).get("median_per_s"))} | '
         f'{_fmt(d.get("ratio_2dev_over_1dev"), 2)}'
-        f'{"x" if d else ""} |')
+        f'{"x" if d else ""} | {_fmt(r["sampler"]["cpu_per_wall"], 2)} |')
+  lines.append('\nCPU/wall: cores this process got while the 1-device '
+               'sampler ran (of os.cpu_count()); less means contention.')
   return '\n'.join(lines)
 
 

@@ -2,8 +2,12 @@ r"""The main job: train, certify, analyze.
 
   python -m launch.run --config=dds_jax/configs/digits.py --workdir=runs/digits
 
-Prints the certified-accuracy table; --workdir then holds checkpoints/,
-metrics.jsonl, certify.tsv, summary.json and certified_accuracy.png.
+With `config.sigma_opt.enabled` (digits.py's default) it certifies twice and
+prints fixed sigma, data-dependent sigma, and data-dependent sigma with the
+memory side by side: --workdir/fixed and --workdir/ds hold each run's
+certify.tsv and summary.json, --workdir/comparison.md the table and
+--workdir/certified_accuracy.png the curves. Otherwise --workdir holds one
+run's files.
 """
 
 from absl import app
@@ -20,11 +24,17 @@ def main(argv):
   def run():
     config, workdir = common.CONFIG.value, common.WORKDIR.value
     train.train_and_evaluate(config, workdir)
-    summary = evaluate.certify_dataset(config, workdir)
-    print(f"\nCertified accuracy ({summary['dataset']}, sigma="
-          f"{summary['sigma']:g}, N={summary['n']}, alpha={summary['alpha']}; "
-          f"files in {workdir}):\n")
-    print(analysis.format_table({"certify": summary}))
+    header = (f"\nCertified accuracy ({config.data.name}, sigma0="
+              f"{config.noise.sigma:g}, N={config.certify.n}, alpha="
+              f"{config.certify.alpha}; files in {workdir}):\n")
+    if config.sigma_opt.enabled:
+      _, text = evaluate.compare_fixed_and_ds(config, workdir)
+      print(header)
+      print(text)
+    else:
+      summary = evaluate.certify_dataset(config, workdir)
+      print(header)
+      print(analysis.format_table({"fixed sigma": summary}))
 
   common.run_main(run)
 

@@ -29,37 +29,72 @@ def trained(tmp_path_factory):
   return workdir, res
 
 
+def _same_except_time(a, b, columns=None):
+  for name in columns or a:
+    if name != "time":
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_run_writes_every_result_file(trained):
   workdir, res = trained
-  assert "| run" in res.stdout and "r=0.5" in res.stdout
+  for row in ("fixed sigma", "data-dependent sigma",
+              "data-dependent sigma + memory"):
+    assert f"| {row} " in res.stdout
+  assert "r=0.5" in res.stdout and "union bound" in res.stdout
   assert "ETA" in res.stderr          # progress lines
-  cols = analysis.read_tsv(os.path.join(workdir, "certify.tsv"))
-  assert list(cols)[:8] == ["idx", "label", "predict", "radius", "correct",
-                            "time", "sigma", "p_lower"]
-  np.testing.assert_array_equal(cols["idx"], np.arange(0, 360, 12) * 5)
-  assert np.all(cols["sigma"] == 0.25)
-  assert np.all((cols["radius"] > 0) == (cols["predict"] >= 0))
-  summary = json.load(open(os.path.join(workdir, "summary.json")))
-  for key in ("certified_accuracy", "ci_low", "ci_high", "acr", "abstain_rate",
-              "samples_per_s", "wall_time_s", "provenance"):
-    assert key in summary
-  assert summary["num_examples"] == 30
-  assert summary["provenance"]["config"]["certify"]["n"] == 300
-  assert "jax" in summary["provenance"]["packages"]
+  fixed = analysis.read_tsv(os.path.join(workdir, "fixed", "certify.tsv"))
+  assert list(fixed)[:8] == ["idx", "label", "predict", "radius", "correct",
+                             "time", "sigma", "p_lower"]
+  np.testing.assert_array_equal(fixed["idx"], np.arange(0, 360, 12) * 5)
+  assert np.all(fixed["sigma"] == 0.25)
+  assert np.all((fixed["radius"] > 0) <= (fixed["predict"] >= 0))
+  ds = analysis.read_tsv(os.path.join(workdir, "ds", "certify.tsv"))
+  assert {"predict_mem", "radius_mem", "changed"} <= set(ds)
+  assert np.any(ds["sigma"] != 0.25) and np.all(ds["sigma"] >= 0.01)
+  sig = analysis.read_tsv(os.path.join(workdir, "ds", "sigma.tsv"),
+                          required=("idx", "sigma"))
+  np.testing.assert_array_equal(sig["idx"], ds["idx"])
+  np.testing.assert_allclose(sig["sigma"], ds["sigma"], rtol=1e-5)
+  for sub in ("fixed", "ds"):
+    summary = json.load(open(os.path.join(workdir, sub, "summary.json")))
+    for key in ("certified_accuracy", "ci_low", "ci_high", "acr",
+                "abstain_rate", "samples_per_s", "wall_time_s", "provenance"):
+      assert key in summary
+    assert summary["num_examples"] == 30
+    assert summary["provenance"]["config"]["certify"]["n"] == 300
+    assert "jax" in summary["provenance"]["packages"]
+  mem = summary["memory"]
+  assert mem["num_stored"] == 30 and mem["invariant_holds"]
+  assert mem["union_bound"] == pytest.approx(30 * 0.001)
+  assert mem["num_changed_this_run"] == int(ds["changed"].sum())
+  assert os.path.exists(os.path.join(workdir, "ds", "memory.sqlite"))
   assert os.path.getsize(os.path.join(workdir, "certified_accuracy.png")) > 1000
+  assert "| fixed sigma" in open(os.path.join(workdir, "comparison.md")).read()
   lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
   assert len(lines) == 2 and "noisy_test_accuracy" in json.loads(lines[-1])
 
 
 def test_certify_again_gives_the_same_table_except_time(trained, tmp_path):
   workdir, _ = trained
-  first = analysis.read_tsv(os.path.join(workdir, "certify.tsv"))
-  res = launch("certify", f"--config={DIGITS}", f"--workdir={workdir}")
+  first = analysis.read_tsv(os.path.join(workdir, "fixed", "certify.tsv"))
+  res = launch("certify", f"--config={DIGITS}", f"--workdir={workdir}",
+               "--config.sigma_opt.enabled=False",
+               "--config.memory.enabled=False")
   assert res.returncode == 0, res.stderr[-3000:]
   again = analysis.read_tsv(os.path.join(workdir, "certify.tsv"))
-  for name in first:
-    if name != "time":
-      np.testing.assert_array_equal(first[name], again[name], err_msg=name)
+  _same_except_time(first, again)
+
+
+def test_saved_sigma_file_is_reused(trained, tmp_path):
+  workdir, _ = trained
+  ds = analysis.read_tsv(os.path.join(workdir, "ds", "certify.tsv"))
+  res = launch("certify", f"--config={DIGITS}", f"--workdir={workdir}",
+               f"--config.sigma_opt.sigma_file={workdir}/ds/sigma.tsv",
+               f"--config.memory.path={tmp_path}/mem.sqlite")
+  assert res.returncode == 0, res.stderr[-3000:]
+  again = analysis.read_tsv(os.path.join(workdir, "certify.tsv"))
+  _same_except_time(ds, again, ["idx", "predict", "radius", "sigma",
+                                "predict_mem", "radius_mem", "changed"])
 
 
 def test_train_resumes_instead_of_starting_over(trained):

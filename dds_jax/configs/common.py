@@ -14,6 +14,7 @@ from dds_jax.errors import ConfigError
 
 MODEL_NAMES = ("small_cnn", "resnet18", "resnet50")
 SCHEDULES = ("constant", "step", "cosine")
+SIGMA_OPTIMIZERS = ("ascent", "sgd", "adam")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -65,6 +66,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.samples_per_block = 100
   c.certify.examples_per_call = 32  # examples per sampler call (rows per flush)
   c.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+  c.sigma_opt = ml_collections.ConfigDict()
+  c.sigma_opt.enabled = False     # data-dependent sigma at certification
+  c.sigma_opt.steps = 100         # paper: K = 100
+  c.sigma_opt.lr = 1e-4           # paper: 1e-4
+  c.sigma_opt.num_samples = 1     # m noise draws per step
+  c.sigma_opt.clip = (0.02, 0.98)
+  c.sigma_opt.sigma_min = 0.01    # floor of sigma (> 0)
+  c.sigma_opt.optimizer = "ascent"  # ascent (paper) | sgd | adam (optax)
+  c.sigma_opt.examples_per_device = 8
+  c.sigma_opt.sigma_file = ""     # reuse a saved sigma.tsv (idx, sigma)
+
+  c.memory = ml_collections.ConfigDict()
+  c.memory.enabled = False        # apply the memory rule (needs sigma_opt)
+  c.memory.path = ""              # "" = <results dir>/memory.sqlite
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0          # 0 = all local devices
@@ -134,7 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.noise.kind in ("gaussian", "uniform"),
        f"noise.kind={config.noise.kind!r}; expected gaussian or uniform")
   need(config.noise.sigma > 0, f"noise.sigma must be > 0; got "
-       f"{config.noise.sigma}")
+       f"{config.noise.sigma}")  # NaN fails too
   need(config.train.method == "gaussian",
        f"train.method={config.train.method!r}; this version trains with "
        "'gaussian' augmentation")
@@ -153,4 +169,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"certify.samples_per_block ({c.samples_per_block})")
   need(c.examples_per_call >= 1, "certify.examples_per_call must be >= 1")
   need(config.mesh.num_devices >= 0, "mesh.num_devices must be >= 0")
+  so = config.sigma_opt
+  need(so.optimizer in SIGMA_OPTIMIZERS, f"sigma_opt.optimizer="
+       f"{so.optimizer!r}; expected one of {SIGMA_OPTIMIZERS}")
+  need(so.steps >= 0 and so.num_samples >= 1 and so.lr > 0,
+       "sigma_opt needs steps >= 0, num_samples >= 1 and lr > 0")
+  need(0 < so.clip[0] < so.clip[1] < 1, f"sigma_opt.clip={so.clip} must "
+       "satisfy 0 < lo < hi < 1")
+  need(0 < so.sigma_min <= config.noise.sigma, f"sigma_opt.sigma_min="
+       f"{so.sigma_min} must be in (0, noise.sigma]")
   return config

@@ -19,11 +19,13 @@ Example:
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import hashlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dds_jax import errors
 from dds_jax.models import normalize as normalize_lib
@@ -82,6 +84,21 @@ def count_params(variables: Variables) -> int:
   if isinstance(variables, Mapping) and 'params' in variables:
     variables = variables['params']
   return int(sum(x.size for x in jax.tree.leaves(variables)))
+
+
+def fingerprint(variables: Variables, name: str = '') -> str:
+  """sha256 of a model's name and all its variables (names, shapes, bytes).
+
+  Identifies "this architecture with these weights", e.g. for a memory store
+  of certificates, which is only valid for the model that issued them.
+  """
+  h = hashlib.sha256(name.encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    arr = np.asarray(leaf)
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(f'{arr.dtype.str}{arr.shape}'.encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
