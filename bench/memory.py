@@ -93,7 +93,8 @@ def _machine() -> dict:
               load_average_1_5_15_min=os.getloadavg(),
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec='seconds'),
-              command=' '.join(shlex.quote(a) for a in sys.argv))
+              command='PYTHONPATH=. python ' + ' '.join(
+                  shlex.quote(a) for a in sys.argv))
 
 
 def _stored(rng, n):
@@ -153,8 +154,10 @@ def _bench_index(index, rng, kind, q, batch) -> dict:
   equal = (np.array_equal(got[0], [o[0] for o in one]) and
            np.array_equal(got[1], [o[1] for o in one]))
   assert equal, 'a batch differs from one at a time'
-  out['batch'] = dict(size=batch, seconds=t_batch, queries_per_s=batch / t_batch,
-                      one_at_a_time_seconds=t_one, equal_to_one_at_a_time=equal,
+  out['batch'] = dict(size=batch, seconds=t_batch,
+                      queries_per_s=batch / t_batch,
+                      one_at_a_time_seconds=t_one,
+                      equal_to_one_at_a_time=equal,
                       changed_fraction=float(np.mean(got[2])),
                       overruled_fraction=float(np.mean(got[0] != cs)))
   return out

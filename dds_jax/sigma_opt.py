@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from typing import Optional
 
@@ -252,3 +253,22 @@ def evaluate_proxy(apply_fn, params, x, sigma, key: jax.Array, *,
     return jax.lax.map(lambda a: one(*a), (xs, ss, ids))
 
   return np.asarray(run(x, sigma, (ids % 2**31).astype(np.int32)), np.float64)
+
+
+def content_ids(x) -> np.ndarray:
+  """An id per image from its bytes: noise keyed by content, not position."""
+  x = np.ascontiguousarray(np.asarray(x, np.float32))
+  return np.array([int.from_bytes(hashlib.sha256(xi.tobytes()).digest()[:4],
+                                  "little") % 2**31 for xi in x], np.int64)
+
+
+def make_sigma_fn(apply_fn, params, sigma0, key: jax.Array, **kwargs):
+  """`sigma_fn(x_batch) -> sigma [B]` for `dds_jax.memory.MemoryClassifier`.
+
+  Noise is keyed by each image's content (`content_ids`), so an image gets the
+  same sigma alone or in any batch. kwargs go to `optimize_sigma`.
+  """
+  def sigma_fn(x):
+    return optimize_sigma(apply_fn, params, x, sigma0, key,
+                          example_ids=content_ids(x), **kwargs)
+  return sigma_fn

@@ -151,3 +151,21 @@ def test_checkpoint_of_another_model_fails_cleanly(trained):
   res = launch("certify", f"--config={DIGITS}", f"--workdir={workdir}",
                "--config.model.name=resnet18")
   _assert_clean_failure(res, "small_cnn")
+
+
+def test_l1_uniform_noise_through_sigma_opt_and_memory(trained, tmp_path):
+  workdir, _ = trained
+  res = launch("certify", f"--config={DIGITS}", f"--workdir={workdir}",
+               "--config.noise.kind=uniform", "--config.noise.sigma=0.5",
+               f"--config.memory.path={tmp_path}/l1.sqlite")
+  assert res.returncode == 0, res.stderr[-3000:]
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["noise"] == "uniform"
+  assert summary["memory"]["norm"] == 1 and summary["memory"]["invariant_holds"]
+  cols = analysis.read_tsv(os.path.join(workdir, "certify.tsv"))
+  ok = cols["predict"] >= 0
+  # L1 radius 2 s (p_lower - 1/2) <= s.
+  assert np.all(cols["radius"][ok] <= cols["sigma"][ok] + 1e-9)
+  np.testing.assert_allclose(cols["radius"][ok],
+                             2 * cols["sigma"][ok] * (cols["p_lower"][ok] - 0.5),
+                             rtol=1e-4)

@@ -190,17 +190,23 @@ def test_rule_equals_paper_rule_up_to_clearance(norm):
     np.testing.assert_allclose(r, nr, rtol=0, atol=1e-8)
 
 
-def test_filter_on_cifar_size_inputs_with_refinement(monkeypatch):
-  """Many candidates: the full-input Gram bound and the projection agree."""
+@pytest.mark.parametrize("shape,norm", [((16, 16, 3), 2), ((16, 16, 3), 1),
+                                        ((700,), 2)])
+def test_filter_with_pooled_projection_and_refinement(monkeypatch, shape,
+                                                       norm):
+  """Many candidates: block-sum projection (spatial blocks, or chunks of a
+  flat input) and the full-input Gram bound never drop a row that matters."""
   rng = np.random.default_rng(0)
-  base = rng.uniform(size=(1, 16, 16, 3)).astype(np.float32)
-  xs = np.clip(base + rng.normal(scale=0.05, size=(120, 16, 16, 3)), 0, 1)
+  base = rng.uniform(size=(1,) + shape).astype(np.float32)
+  xs = np.clip(base + rng.normal(scale=0.05, size=(120,) + shape), 0, 1)
   xs = xs.astype(np.float32)
   cs = rng.integers(-1, 4, size=120)
-  rs = np.where(cs < 0, 0.0, rng.uniform(0, 1.2, size=120))
-  expected = _check_sequence(xs, cs, rs, 2)
+  scale = 1.2 if norm == 2 else 0.04 * np.prod(shape)
+  rs = np.where(cs < 0, 0.0, rng.uniform(0, scale, size=120))
+  expected = _check_sequence(xs, cs, rs, norm)
   monkeypatch.setattr(rule_lib, "REFINE_MIN", 0)
-  got = apply_memory(xs, cs, rs)
+  monkeypatch.setattr(rule_lib, "_BLAS_MIN_ROWS", 0)   # batched BLAS products
+  got = apply_memory(xs, cs, rs, norm)
   for a, b in zip(expected, got):
     np.testing.assert_array_equal(a, b)
   assert expected[2].sum() > 20
@@ -349,6 +355,9 @@ def test_reopen_gives_the_same_store(tmp_path):
     assert store.summary(alpha=0.5)["union_bound"] == 1.0
   with pytest.raises(MemoryStoreError, match="no memory store"):
     _open(tmp_path / "missing.sqlite", create=False)
+  (tmp_path / "empty.sqlite").touch()
+  with pytest.raises(MemoryStoreError, match="empty"):
+    _open(tmp_path / "empty.sqlite", create=False)
 
 
 def _sha(path):
@@ -574,3 +583,29 @@ def test_classifier_checks_its_store(tmp_path, linear):
 def test_public_names():
   for name in memory.__all__:
     assert hasattr(memory, name)
+
+
+@pytest.mark.parametrize("shape", [(2,), (700,), (16, 16, 3), (8, 8, 1)])
+@pytest.mark.parametrize("norm", [1, 2])
+def test_filter_keeps_every_row_at_the_threshold(shape, norm):
+  """Radii set so that rows sit exactly at (or 1 ulp inside) the threshold."""
+  rng = np.random.default_rng(1)
+  for scale in (1e-3, 1.0, 300.0):
+    xs = (rng.uniform(size=(200,) + shape) * scale).astype(np.float32)
+    xs[100:] = xs[:100] + (rng.normal(size=(100,) + shape) *
+                           1e-3 * scale).astype(np.float32)
+    q = xs[rng.integers(200)] + (rng.normal(size=shape) *
+                                 1e-2 * scale).astype(np.float32)
+    d = exact_distances(q, xs, norm)
+    r = float(rng.uniform(0, 0.5) * np.median(d))
+    radii = np.maximum(d / (1 + CLEARANCE) - r, 0.0)
+    radii[::2] = np.nextafter(radii[::2], np.inf)
+    index = MemoryIndex(shape, "float32", norm)
+    index.add(xs, np.zeros(200, np.int64), radii)
+    # pylint: disable=protected-access
+    query = index._queries(q[None])[0]
+    key = index._filter_keys(
+        query, rule_lib._dots(index._p[:200], query.p32[None])[0])
+    matters = np.flatnonzero(d < (r + radii) * (1 + CLEARANCE))
+    assert len(matters) >= 15
+    assert np.all(key[matters] < r * rule_lib._FILTER)

@@ -155,3 +155,55 @@ def test_bad_arguments(trained, kwargs, match):
   with pytest.raises(InputError, match=match):
     sigma_opt.optimize_sigma(bundle.apply_fn, params, test.images[:2],
                              args.pop("sigma0"), jax.random.key(0), **args)
+
+
+_CHILD = r"""
+import json, jax, numpy as np
+import dds_jax
+from dds_jax import models, sigma_opt
+assert len(jax.devices()) == 2
+bundle = models.build("small_cnn", 10, (8, 8, 1), conv_features=(8, 8, 8))
+params = bundle.init(jax.random.key(0))
+x = np.random.default_rng(0).uniform(size=(5, 8, 8, 1)).astype(np.float32)
+out = {}
+for ndev in (1, 2):
+  s = sigma_opt.optimize_sigma(bundle.apply_fn, params, x, 0.25,
+                               jax.random.key(1), steps=10, lr=0.05,
+                               num_samples=4, examples_per_device=2,
+                               mesh=dds_jax.make_mesh(ndev))
+  out[ndev] = s.tolist()
+print(json.dumps(out))
+"""
+
+
+def test_two_devices_give_the_same_sigma():
+  import json, subprocess, sys
+  from tests import conftest
+  res = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True,
+                       text=True, env=conftest.subprocess_env(2), timeout=300,
+                       cwd=conftest.REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  bundle = models.build("small_cnn", 10, (8, 8, 1), conv_features=(8, 8, 8))
+  params = bundle.init(jax.random.key(0))
+  x = np.random.default_rng(0).uniform(size=(5, 8, 8, 1)).astype(np.float32)
+  here = sigma_opt.optimize_sigma(bundle.apply_fn, params, x, 0.25,
+                                  jax.random.key(1), steps=10, lr=0.05,
+                                  num_samples=4, examples_per_device=2)
+  # Same noise and same per-device program: equal up to float32 rounding
+  # (the 2-device process runs XLA's CPU kernels with another thread pool).
+  np.testing.assert_allclose(out["1"], out["2"], rtol=1e-6)
+  np.testing.assert_allclose(out["1"], here, rtol=1e-6)
+  assert np.abs(here - 0.25).max() > 1e-3
+
+
+def test_sigma_fn_is_keyed_by_content_not_position(trained):
+  bundle, params, test = trained
+  fn = sigma_opt.make_sigma_fn(bundle.apply_fn, params, 0.25,
+                               jax.random.key(0), steps=5, lr=0.05,
+                               num_samples=4)
+  x = test.images[:4]
+  together = fn(x)
+  alone = np.array([fn(x[i:i + 1])[0] for i in (3, 1)])
+  np.testing.assert_allclose(together[[3, 1]], alone, rtol=1e-6)
+  np.testing.assert_allclose(fn(x[::-1])[::-1], together, rtol=1e-6)

@@ -32,7 +32,8 @@ point and contains nothing).
 Candidate search. Per query, a guaranteed lower bound on d(x, x_j) for every
 stored row comes from an orthonormal projection P (block sums over spatial
 blocks of an [H, W, C] input, else over contiguous chunks of the flat input;
-<= 256 dims): ||P(x - x_j)||_2 <= ||x - x_j||_2 <= ||x - x_j||_1. It is
+<= 256 dims): ||P(x - x_j)||_2 <= ||x - x_j||_2, and for L1
+sqrt(smallest block) * ||P(x - x_j)||_2 <= ||x - x_j||_1. It is
 computed as ||Px||^2 + ||Px_j||^2 - 2 Px.Px_j with the projections stored in
 float32 (one matrix-vector product), minus a rigorous bound on the float32
 rounding error (gamma_k ||Px|| max_j ||Px_j||). Rows whose bound does not rule
@@ -63,6 +64,7 @@ REFINE_MIN = 512
 _EXACT_CHUNK = 1024     # rows per block of the float64 distance computation
 _QUERY_CHUNK = 64       # queries per matrix product in `insert_many`
 _MAX_PROJ_DIMS = 256
+_BLAS_MIN_ROWS = 20_000  # fewer stored rows: no BLAS for the pre-filter
 
 
 class MemoryInvariantError(DdsError):
@@ -258,11 +260,13 @@ class _Projection:
       counts = np.outer(*[np.diff(np.append(s, n)) for s, n in
                           zip(self._starts, (h, w))])
       self._scale = 1.0 / np.sqrt(np.repeat(counts[..., None], ch, axis=2))
+      self.min_block = int(counts.min())
       self._spatial = True
     else:
       self._starts = [self._bounds(self.dim, _MAX_PROJ_DIMS)]
       counts = np.diff(np.append(self._starts[0], self.dim))
       self._scale = 1.0 / np.sqrt(counts.astype(np.float64))
+      self.min_block = int(counts.min())
       self._spatial = False
     self.k = int(self._scale.size)
     self._scale = self._scale.reshape(-1)
@@ -287,11 +291,13 @@ class _Projection:
 def _dots(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
   """[Q, n] float32 dot products of queries [Q, k] with rows [n, k].
 
-  One query uses numpy's single-threaded loop: a BLAS matrix-vector product
+  Small products use numpy's single-threaded loop: a multi-threaded BLAS call
   can wait milliseconds for its threads on a busy machine.
   """
   if len(queries) == 1:
     return np.einsum("ij,j->i", rows, queries[0])[None]
+  if len(rows) < _BLAS_MIN_ROWS:
+    return np.stack([np.einsum("ij,j->i", rows, q) for q in queries])
   return queries @ rows.T
 
 
@@ -331,6 +337,8 @@ class MemoryIndex:
     self._gamma_full = (self.dim * ud / (1 - self.dim * ud)
                         if self.dim * ud < 0.01 else None)
     self._tol64 = 4 * (self.dim + k + 16) * np.finfo(np.float64).eps
+    # sqrt of the smallest block, rounded down: ||v||_1 >= this * ||Pv||_2.
+    self._l1_factor = float(np.nextafter(math.sqrt(self._proj.min_block), 0))
     self._n = 0
     self._cap = 0
     self._x = np.empty((0, self.dim), self.dtype)
@@ -444,6 +452,8 @@ class MemoryIndex:
     np.maximum(key, 0.0, out=key)
     np.sqrt(key, out=key)
     key -= (1.01 * self._u32 + self._tol64) * (a + b)
+    if self.norm == 1:  # ||v||_1 >= sum_g |sum_g v_i| >= sqrt(n_g) ||Pv||
+      key *= self._l1_factor
     key -= self._rf[:n]
     return key
 

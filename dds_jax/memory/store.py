@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pathlib
 import sqlite3
 import threading
 from typing import NamedTuple, Optional, Sequence
@@ -154,9 +155,14 @@ class MemoryStore:
     if not create and not os.path.exists(self.path):
       raise MemoryStoreError(f"no memory store at {self.path} (create=False)")
     try:
-      self._conn = sqlite3.connect(self.path, timeout=timeout,
-                                   isolation_level=None)
-      self._open()
+      if create:
+        self._conn = sqlite3.connect(self.path, timeout=timeout,
+                                     isolation_level=None)
+      else:
+        uri = pathlib.Path(self.path).absolute().as_uri() + "?mode=rw"
+        self._conn = sqlite3.connect(uri, uri=True, timeout=timeout,
+                                     isolation_level=None)
+      self._open(create)
     except sqlite3.DatabaseError as e:
       self._close_conn()
       raise MemoryStoreError(f"cannot open memory store {self.path}: "
@@ -217,8 +223,11 @@ class MemoryStore:
     self.alpha = meta.get("alpha")
     self.created_at = meta.get("created_at")
 
-  def _open(self) -> None:
+  def _open(self, create: bool) -> None:
     meta = self._read_meta()
+    if meta is None and not create:
+      raise MemoryStoreError(f"{self.path} is empty, not a memory store "
+                             "(create=False)")
     if meta is None:
       mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
       if mode.lower() != "wal" and self.path != ":memory:":
