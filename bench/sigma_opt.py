@@ -35,7 +35,10 @@ excluded (one warm-up call on the same shapes first):
    the small CNN 32x32x3 m = 1 case with `make_mesh(1)` and `make_mesh(2)` at
    the same examples per device (so two devices do twice the examples per
    call), and their ratio. On a 2-core machine the two "devices" share the
-   cores XLA already uses for intra-op parallelism on one.
+   cores XLA already uses for intra-op parallelism on one. The 1-device
+   rate in that child is not the same as in this (default, 1-device)
+   process, so the table also gives 2-dev over the part-1 rate of the same
+   case (`ratio_2dev_over_main_1dev`).
 
 Other processes may share the machine: `os.getloadavg()` is recorded at the
 start and end of the run and of every case.
@@ -47,6 +50,7 @@ Markdown tables last.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -73,8 +77,20 @@ import numpy as np
 
 from dds_jax import models
 from dds_jax import sampler
+from dds_jax import sigma_opt as sigma_opt_lib
 from dds_jax.sigma_opt import optimize_sigma
 # pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+def _source_sha(path: str = sigma_opt_lib.__file__) -> str:
+  """sha256 (first 16 hex) of a source file: which version was measured."""
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+# Read right after the import: the code this process runs (others may edit
+# dds_jax/sigma_opt.py while a benchmark runs).
+_SIGMA_OPT_SHA = _source_sha()
 
 _MODELS = flags.DEFINE_list('models', ['small_cnn', 'resnet18'],
                             'Models to benchmark.')
@@ -318,7 +334,21 @@ def _machine() -> dict[str, Any]:
           timespec='seconds'),
       command=shlex.join([os.path.relpath(sys.executable, _REPO)] +
                          sys.argv),
-      loadavg_start=_loadavg())
+      loadavg_start=_loadavg(), **_git())
+
+
+def _git() -> dict[str, Any]:
+  """HEAD and whether dds_jax/sigma_opt.py differs from it."""
+  def git(*args):
+    try:
+      return subprocess.run(['git', '-C', _REPO, *args], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      return None
+  status = git('status', '--porcelain', '--', 'dds_jax/sigma_opt.py')
+  return dict(git_head=git('rev-parse', 'HEAD'),
+              sigma_opt_dirty=None if status is None else bool(status),
+              sigma_opt_sha256=_SIGMA_OPT_SHA)
 
 
 def _fmt(v: float | None, digits: int = 0) -> str:
@@ -356,14 +386,17 @@ def _table(main_rows, dev_rows, target_steps: int) -> str:
   for r in dev_rows:
     lines += [
         '',
-        f'| 1 vs 2 devices | m | ex/dev | steps run | 1-dev examples/s '
-        f'(steps={target_steps}) | 2-dev examples/s | 2-dev/1-dev |',
-        '|---|---:|---:|---:|---:|---:|---:|',
+        f'| 1 vs 2 devices | m | ex/dev | steps run | 1-dev (child) examples/s '
+        f'(steps={target_steps}) | 2-dev examples/s | 2-dev/1-dev | '
+        f'2-dev / 1-dev of the table above |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|',
         f'| {r["model"]} {"x".join(map(str, r["input_shape"]))} | '
         f'{r["num_samples"]} | {r["examples_per_device"]} | {r["steps_run"]} |'
         f' {_fmt(r["1dev"]["examples_per_s"], -1)} | '
         f'{_fmt(r["2dev"]["examples_per_s"], -1)} | '
-        f'{_fmt(r["ratio_2dev_over_1dev"], 2)}x |']
+        f'{_fmt(r["ratio_2dev_over_1dev"], 2)}x | '
+        f'{_fmt(r.get("ratio_2dev_over_main_1dev"), 2)}'
+        f'{"x" if r.get("ratio_2dev_over_main_1dev") else ""} |']
   return '\n'.join(lines)
 
 
@@ -375,7 +408,8 @@ def main(argv):
       raise RuntimeError('child needs 2 devices; XLA_FLAGS not applied?')
     row = _measure_devices(_device_case(), target)
     with open(_CHILD_OUT.value, 'w') as f:
-      json.dump(dict(devices=[str(d) for d in jax.devices()], rows=[row]), f)
+      json.dump(dict(devices=[str(d) for d in jax.devices()], rows=[row],
+                     sigma_opt_sha256=_SIGMA_OPT_SHA), f)
     return
   cases = _cases()
   machine = _machine()
@@ -383,6 +417,21 @@ def main(argv):
   main_rows = _measure_main(cases, target)
   child = None if _SKIP_DEVICES.value else _run_child()
   machine['loadavg_end'] = _loadavg()
+  shas = dict(main=_SIGMA_OPT_SHA, on_disk_at_end=_source_sha())
+  if child:
+    shas['child'] = child['sigma_opt_sha256']
+  machine['sigma_opt_sha256_seen'] = shas
+  machine['sigma_opt_same_throughout'] = len(set(shas.values())) == 1
+  if not machine['sigma_opt_same_throughout']:
+    print(f'WARNING: dds_jax/sigma_opt.py changed during the run: {shas}; '
+          'the rows may measure different code', flush=True)
+  for r in child['rows'] if child else []:
+    same = [m for m in main_rows if all(
+        m[k] == r[k] for k in ('model', 'input_shape', 'num_samples',
+                               'examples_per_device', 'steps_run'))]
+    r['ratio_2dev_over_main_1dev'] = (
+        r['2dev']['examples_per_s'] / same[0]['examples_per_s']
+        if same else None)
   result = dict(
       machine=machine, quick=_QUICK.value, sigma0=_SIGMA0, lr=_LR,
       noise='gaussian', num_classes=_NUM_CLASSES, target_steps=target,

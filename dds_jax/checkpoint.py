@@ -5,7 +5,11 @@ A checkpoint step holds named items, each saved atomically by orbax's
 
   * `params`: the model's variables (params and BatchNorm statistics);
   * `opt_state`: the optimizer state;
+  * `sigma_table`: the per-sample sigma of every training example;
   * `meta`: JSON with step, epoch, position in the epoch, seed, model name.
+
+`export_params` writes a parameters-only copy (float32 or bfloat16, no
+optimizer state) as one msgpack file for certification elsewhere.
 
 Certification restores `params` alone. Resume order (STYLE.md): the latest step
 in this workdir, else an explicit init path, else fresh.
@@ -13,10 +17,14 @@ in this workdir, else an explicit init path, else fresh.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
+import flax.serialization
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dds_jax.errors import CheckpointError
@@ -45,9 +53,12 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
+  def save(self, step: int, params, opt_state, meta: dict[str, Any],
+           sigma_table=None) -> None:
     items = dict(params=ocp.args.StandardSave(params),
                  meta=ocp.args.JsonSave(meta))
+    if sigma_table is not None:
+      items["sigma_table"] = ocp.args.StandardSave({"sigma": sigma_table})
     if jax.tree.leaves(opt_state):  # e.g. plain SGD has an empty state
       items["opt_state"] = ocp.args.StandardSave(opt_state)
     self._manager.save(step, args=ocp.args.Composite(**items))
@@ -69,7 +80,8 @@ class Checkpointer:
     return dict(out["meta"])
 
   def restore(self, params_like, opt_state_like=None,
-              step: Optional[int] = None) -> dict[str, Any]:
+              step: Optional[int] = None,
+              sigma_table_like=None) -> dict[str, Any]:
     """Restores `params` (and `opt_state` when a template is given) and `meta`.
 
     Args:
@@ -88,6 +100,16 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint steps in {self.directory}")
     items = dict(params=ocp.args.StandardRestore(_abstract(params_like)),
                  meta=ocp.args.JsonRestore())
+    if sigma_table_like is not None:
+      meta = self.read_meta(step)
+      stored = meta.get("num_train")
+      if stored is not None and stored != len(sigma_table_like):
+        raise CheckpointError(
+            f"the checkpoint's sigma table has {stored} entries but the "
+            f"training set has {len(sigma_table_like)} examples: another "
+            f"dataset or split? ({self.directory})")
+      items["sigma_table"] = ocp.args.StandardRestore(
+          _abstract({"sigma": sigma_table_like}))
     want_opt = opt_state_like is not None and jax.tree.leaves(opt_state_like)
     if want_opt:
       items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
@@ -101,7 +123,76 @@ class Checkpointer:
     result = {"params": out["params"], "meta": dict(out["meta"]), "step": step}
     if opt_state_like is not None:
       result["opt_state"] = out["opt_state"] if want_opt else opt_state_like
+    if sigma_table_like is not None:
+      result["sigma_table"] = out["sigma_table"]["sigma"]
     return result
 
   def close(self) -> None:
     self._manager.close()
+
+
+EXPORT_PARAMS = "params.msgpack"
+EXPORT_META = "export.json"
+
+
+def export_params(directory: str, params, meta: dict[str, Any],
+                  dtype: str = "float32") -> str:
+  """Writes the model's variables alone (msgpack, no pickle), atomically.
+
+  Args:
+    directory: created if missing; receives params.msgpack and export.json.
+    params: the variables (params and BatchNorm statistics).
+    meta: JSON metadata (model name, step, ...); dtype is added.
+    dtype: 'float32' or 'bfloat16' (half the size; restored as float32).
+
+  Returns:
+    The path of params.msgpack.
+  """
+  if dtype not in ("float32", "bfloat16"):
+    raise CheckpointError(f"export dtype must be float32 or bfloat16; got "
+                          f"{dtype!r}")
+  os.makedirs(directory, exist_ok=True)
+  cast = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, dtype)),
+                      jax.device_get(params))
+  path = os.path.join(directory, EXPORT_PARAMS)
+  for name, data in ((path, flax.serialization.msgpack_serialize(
+      jax.tree.map(np.asarray, cast))),
+                     (os.path.join(directory, EXPORT_META),
+                      json.dumps({**meta, "dtype": dtype}, indent=2).encode())):
+    tmp = name + ".tmp"
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, name)
+  return path
+
+
+def load_exported(directory: str, params_like) -> tuple[Any, dict[str, Any]]:
+  """Reads an `export_params` directory into float32 variables like the template."""
+  path = os.path.join(directory, EXPORT_PARAMS)
+  if not os.path.exists(path):
+    raise CheckpointError(f"no exported parameters at {path}")
+  try:
+    with open(os.path.join(directory, EXPORT_META)) as f:
+      meta = json.load(f)
+    with open(path, "rb") as f:
+      tree = flax.serialization.msgpack_restore(f.read())
+    params = flax.serialization.from_state_dict(
+        jax.tree.map(lambda a: np.zeros(a.shape, np.float32), params_like),
+        tree)
+    params = jax.tree.map(lambda a, t: jnp.asarray(a, jnp.float32).reshape(
+        t.shape) if np.shape(a) == tuple(t.shape) else _bad_shape(a, t),
+                          params, params_like)
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"exported parameters at {directory} cannot be read "
+                          f"into this model: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]}") from None
+  return params, meta
+
+
+def _bad_shape(a, t):
+  raise CheckpointError(f"exported array of shape {np.shape(a)} does not fit "
+                        f"the model's {tuple(t.shape)}")

@@ -11,10 +11,12 @@ and the radius proxy, with p1 >= p2 the two largest entries of psi (no label):
   uniform  (L1): R(s; x) = s (clip(p1) - clip(p2))
 
 `optimize_sigma` runs K steps of s <- max(s + lr dR/ds, sigma_min) per input,
-the model frozen. A clipped probability passes no gradient. One jitted
-function scans the steps; each step vmaps value-and-derivative of the proxy
-(forward mode: sigma is a scalar) over the examples of a device, and examples
-are sharded over the `data` mesh axis like the sampler. The noise of step k of an example depends only on (key, example
+the model frozen. A clipped probability passes no gradient. `ascent` is the
+one implementation, used at certification and in training: a scan over the
+steps, each a forward pass over all m copies of all examples of a device with
+the value and derivative of every example's proxy (forward mode: sigma is a
+scalar per example); examples are sharded over the `data` mesh axis like the
+sampler. The noise of step k of an example depends only on (key, example
 id, k), so the result does not depend on batching or device count. A step
 whose gradient is NaN or infinite leaves that example's sigma unchanged and is
 counted (`SigmaInfo.nonfinite_steps`) and logged, never propagated.
@@ -61,63 +63,127 @@ class SigmaInfo:
   nonfinite_steps: np.ndarray
 
 
+def proxy_batch(forward, x, sigma, eps, clip=(0.02, 0.98),
+                kind: str = "gaussian"):
+  """The proxy R(sigma_i; x_i) of a batch, in one forward pass.
+
+  Args:
+    forward: `forward(images) -> logits` (the model, its variables bound).
+    x: [B, H, W, C] images.
+    sigma: [B] noise levels.
+    eps: [B, m, H, W, C] unit noise draws.
+    clip: probabilities are clipped to this range (no gradient when clipped).
+    kind: 'gaussian' (L2 proxy) or 'uniform' (L1 proxy).
+
+  Returns:
+    [B] proxy values.
+  """
+  b, m = eps.shape[:2]
+  images = x[:, None] + sigma.reshape((b, 1) + (1,) * (x.ndim - 1)) * eps
+  logits = forward(images.reshape((b * m,) + x.shape[1:])).reshape(b, m, -1)
+  psi = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=1)
+  p = jnp.clip(jax.lax.top_k(psi, 2)[0], clip[0], clip[1])
+  if kind == "gaussian":
+    return sigma / 2.0 * (jnorm.ppf(p[:, 0]) - jnorm.ppf(p[:, 1]))
+  return sigma * (p[:, 0] - p[:, 1])
+
+
 def radius_proxy(apply_fn, params, x, sigma, eps, clip=(0.02, 0.98),
                  kind: str = "gaussian"):
   """The proxy R(sigma; x) for one example with noise draws eps [m, H, W, C]."""
-  logits = apply_fn(params, x[None] + sigma * eps)
-  psi = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=0)
-  top2 = jax.lax.top_k(psi, 2)[0]
-  p = jnp.clip(top2, clip[0], clip[1])
-  if kind == "gaussian":
-    return sigma / 2.0 * (jnorm.ppf(p[0]) - jnorm.ppf(p[1]))
-  return sigma * (p[0] - p[1])
+  return proxy_batch(lambda im: apply_fn(params, im), x[None],
+                     jnp.reshape(sigma, (1,)), eps[None], clip, kind)[0]
 
 
 def _unit_noise(key, shape, kind):
   return noise_lib.draw(key, shape, jnp.float32(1.0), kind)
 
 
+def ascent(forward, x, sigma0, key: jax.Array, example_ids, *, steps: int,
+           lr, num_samples: int, clip=(0.02, 0.98), sigma_min=DEFAULT_SIGMA_MIN,
+           kind: str = "gaussian", optimizer=None, coupled: bool = False,
+           block_offset=0):
+  """K ascent steps on the proxy of a batch: the one implementation.
+
+  Pure and jit-able: `optimize_sigma` runs it per device inside shard_map,
+  training runs it inside the jitted train step on the batch's sigma table
+  entries. Step k of example i draws noise keyed by (key, id_i, k +
+  block_offset).
+
+  Args:
+    forward: `forward(images) -> logits`, the model frozen.
+    x: [B, H, W, C] images; sigma0: [B] starting sigmas.
+    key: PRNG key; example_ids: [B] int32 ids keying the noise.
+    steps, lr, num_samples, clip, sigma_min, kind, optimizer: see
+      `optimize_sigma`.
+    coupled: False when the examples do not interact (BatchNorm in inference
+      mode): each derivative dR_i/ds_i comes from one forward-mode pass (jvp).
+      True when they do (BatchNorm in train mode, as in the official scripts):
+      the derivative is d(sum_j R_j)/ds_i, from one backward pass, as the
+      official code's `radius.sum().backward()`.
+    block_offset: added to the step index in the noise key (e.g. the epoch's
+      offset in training, so that each epoch draws fresh noise).
+
+  Returns:
+    (sigma [B], proxy values [B, steps + 1], sigmas [B, steps + 1],
+     nonfinite step counts [B]).
+  """
+  image_shape = x.shape[1:]
+
+  def proxy(s, k):
+    eps = jax.vmap(lambda i: _unit_noise(
+        noise_lib.block_key(key, noise_lib.Purpose.SIGMA_OPT, i,
+                            k + block_offset),
+        (num_samples,) + image_shape, kind))(example_ids)
+    return proxy_batch(forward, x, s, eps, clip, kind)
+
+  def value_and_deriv(s, k):
+    if coupled:
+      value, vjp = jax.vjp(lambda t: proxy(t, k), s)
+      return value, vjp(jnp.ones_like(value))[0]
+    # Inference mode: R_i depends on s_i alone, so one jvp with a tangent of
+    # ones gives every dR_i/ds_i (about two forward passes, no stored
+    # activations) instead of a backward pass.
+    return jax.jvp(lambda t: proxy(t, k), (s,), (jnp.ones_like(s),))
+
+  opt_state = optimizer.init(sigma0) if optimizer is not None else ()
+
+  def keep_finite(finite, new, old):
+    return jax.tree.map(
+        lambda a, b: jnp.where(finite, a, b) if a.shape == finite.shape else a,
+        new, old)
+
+  def step(carry, k):
+    s, opt_state, bad = carry
+    value, g = value_and_deriv(s, k)
+    finite = jnp.isfinite(g)
+    g = jnp.where(finite, g, 0.0)
+    if optimizer is None:
+      new = s + lr * g
+    else:
+      updates, new_opt = optimizer.update(-g, opt_state, s)
+      new = optax.apply_updates(s, updates)
+      opt_state = keep_finite(finite, new_opt, opt_state)
+    new = jnp.where(finite, jnp.maximum(new, sigma_min), s)
+    return (new, opt_state, bad + (~finite)), (value, s)
+
+  sigma0 = jnp.asarray(sigma0, jnp.float32)
+  (s, _, bad), (values, sigmas) = jax.lax.scan(
+      step, (sigma0, opt_state, jnp.zeros(sigma0.shape, jnp.int32)),
+      jnp.arange(steps))
+  final = proxy(s, steps)
+  return (s, jnp.concatenate([values, final[None]]).T,
+          jnp.concatenate([sigmas, s[None]]).T, bad)
+
+
 @functools.lru_cache(maxsize=32)
-def _ascent_fn(apply_fn, mesh, steps, num_samples, clip, kind, image_shape,
-               optimizer):
-  """The jitted, sharded ascent over `steps` for a batch of examples."""
-
-  def one_example(params, key, lr, sigma_min, x, sigma0, example_id):
-    def proxy(s, k):
-      k = noise_lib.block_key(key, noise_lib.Purpose.SIGMA_OPT, example_id, k)
-      eps = _unit_noise(k, (num_samples,) + image_shape, kind)
-      return radius_proxy(apply_fn, params, x, s, eps, clip, kind)
-
-    # d proxy / d sigma of a scalar: forward mode is one jvp (about two
-    # forward passes, no stored activations) instead of a backward pass.
-    def grad_fn(s, k):
-      return jax.jvp(lambda t: proxy(t, k), (s,), (jnp.ones_like(s),))
-    opt_state = optimizer.init(sigma0) if optimizer is not None else ()
-
-    def step(carry, k):
-      s, opt_state, bad = carry
-      value, g = grad_fn(s, k)
-      finite = jnp.isfinite(g)
-      g = jnp.where(finite, g, 0.0)
-      if optimizer is None:
-        new = s + lr * g
-      else:
-        updates, new_opt = optimizer.update(-g, opt_state, s)
-        new = optax.apply_updates(s, updates)
-        opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b),
-                                 new_opt, opt_state)
-      new = jnp.where(finite, jnp.maximum(new, sigma_min), s)
-      return (new, opt_state, bad + (~finite)), (value, s)
-
-    (s, _, bad), (values, sigmas) = jax.lax.scan(
-        step, (sigma0, opt_state, jnp.int32(0)), jnp.arange(steps))
-    final = proxy(s, steps)
-    return (s, jnp.concatenate([values, final[None]]),
-            jnp.concatenate([sigmas, s[None]]), bad)
+def _ascent_fn(apply_fn, mesh, steps, num_samples, clip, kind, optimizer):
+  """The jitted ascent, examples sharded over the mesh's `data` axis."""
 
   def local(params, key, lr, sigma_min, x, sigma0, ids):
-    return jax.vmap(one_example, in_axes=(None, None, None, None, 0, 0, 0))(
-        params, key, lr, sigma_min, x, sigma0, ids)
+    return ascent(lambda im: apply_fn(params, im), x, sigma0, key, ids,
+                  steps=steps, lr=lr, num_samples=num_samples, clip=clip,
+                  sigma_min=sigma_min, kind=kind, optimizer=optimizer)
 
   data = P(sampler.DATA_AXIS)
   fn = jax.shard_map(local, mesh=mesh,
@@ -194,7 +260,7 @@ def optimize_sigma(apply_fn, params, x, sigma0, key: jax.Array, *,
   ndev = mesh.shape[sampler.DATA_AXIS]
   chunk = examples_per_device * ndev
   fn = _ascent_fn(apply_fn, mesh, steps, num_samples, (lo, hi), noise,
-                  tuple(x.shape[1:]), optimizer)
+                  optimizer)
   sharding = NamedSharding(mesh, P(sampler.DATA_AXIS))
   key = jax.device_put(key, NamedSharding(mesh, P()))
 

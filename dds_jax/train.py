@@ -1,14 +1,38 @@
-"""Training with Gaussian noise augmentation (Cohen et al.), data-parallel.
+"""Training with per-sample sigma: Gaussian augmentation, SmoothAdv, MACER.
 
-`train_and_evaluate(config, workdir)` is what `launch.train` runs: optax SGD
-with momentum and weight decay, a step or cosine schedule, random crop and flip
-on device, noise N(0, sigma^2 I) added in [0, 1] pixel space, batches sharded
-over the `data` mesh axis, orbax checkpoints every `ckpt.every_steps` steps and
-at the end, and a restart that continues from the latest step.
+`train_and_evaluate(config, workdir)` is what `launch.train` runs. Methods
+(`train.method`):
 
-Augmentation and noise of an example are keyed by (seed, example id, epoch),
-and the data order by (seed, epoch), so a resumed run sees the same batches
-and the same noise as an uninterrupted one.
+  * gaussian (Cohen et al.): cross-entropy of f(x + s_i e) over
+    `train.num_noise` copies;
+  * smoothadv (Salman et al.): PGD-L2 on the soft smoothed classifier
+    (`dds_jax.losses.smoothadv_attack`, BatchNorm in inference mode during the
+    attack as in their code, eps ramped over `smoothadv.warmup_epochs`), then
+    cross-entropy on the noisy copies of x_adv;
+  * macer (Zhai et al.): `dds_jax.losses.macer_loss` over `num_noise` copies,
+    MACER's own hinge or the DDRS script's (`macer.variant`).
+
+Data-dependent sigma (`train.ds.enabled`): every training example keeps its own
+s_i in a sigma table (initialised to noise.sigma, kept across epochs, saved in
+the checkpoint). From `ds.start_epoch` on, each mini-batch first takes
+`ds.steps` ascent steps with `ds.num_samples` draws on its s_i
+(`dds_jax.sigma_opt.ascent`, the one implementation, parameters frozen), which
+are written back, then the method's loss uses noise N(0, s_i^2 I). BatchNorm
+during the ascent (`ds.bn_mode`): 'eval' (default: running statistics, each
+example's proxy depends on its own sigma only) or 'train' (statistics of the
+noisy batch, as the official scripts leave the model in train mode; their
+updates are discarded here).
+
+optax SGD with momentum and coupled weight decay, step or cosine schedules,
+random crop and flip on device, optional bf16 compute (`train.dtype`), batches
+sharded over the `data` mesh axis. Orbax checkpoints (params, BatchNorm
+statistics, optimizer state, sigma table, step/epoch/batch position) every
+`ckpt.every_steps` steps and at the end; a restart continues from the latest
+step. Augmentation, noise and ascent noise of an example are keyed by (seed,
+example id, epoch) and the data order by (seed, epoch), so a resumed run gives
+the same parameters and sigma table as an uninterrupted one. At the end a
+parameters-only export is written to `<workdir>/export` for certification
+elsewhere (`certify.checkpoint`).
 """
 
 from __future__ import annotations
@@ -30,11 +54,14 @@ from dds_jax import data as data_lib
 from dds_jax import models
 from dds_jax import noise as noise_lib
 from dds_jax import progress as progress_lib
+from dds_jax import losses
 from dds_jax import sampler
+from dds_jax import sigma_opt
 from dds_jax.configs import common
 from dds_jax.errors import ConfigError
 
 EVAL_BLOCK = 1 << 20  # noise block index used for per-epoch noisy evaluation
+EXPORT_DIR = "export"  # parameters-only export, written at the end
 
 
 def make_schedule(tc: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -85,24 +112,65 @@ def example_keys(key: jax.Array, example_ids: jax.Array, block) -> jax.Array:
       key, noise_lib.Purpose.TRAIN, i, block))(example_ids)
 
 
-def make_train_step(bundle: models.ModelBundle, tx, *, noise_kind: str,
-                    crop_padding: int, flip: bool):
-  """A jitted step (variables, opt_state, batch, key, epoch, sigma) -> ..."""
+def make_train_step(bundle: models.ModelBundle, tx,
+                    config: ml_collections.ConfigDict, ds_active: bool):
+  """The jitted training step for `config.train.method`.
 
-  def step(variables, opt_state, batch, key, epoch, sigma):
-    keys = example_keys(key, batch["example_ids"], epoch)
-    k_aug, k_noise = jax.vmap(jax.random.split, out_axes=1)(keys)
-    x = jax.vmap(lambda k, im: augment(k, im, crop_padding, flip))(
-        k_aug, batch["images"])
-    x = x + jax.vmap(lambda k, im: noise_lib.draw(k, im.shape, sigma,
-                                                  noise_kind))(k_noise, x)
+  (variables, opt_state, sigma_table, batch, key, epoch, eps_adv)
+    -> (variables, opt_state, sigma_table, metrics)
+
+  Per-sample sigma: with `ds_active`, the batch's entries of the sigma table
+  first take `train.ds.steps` ascent steps on the radius proxy
+  (`dds_jax.sigma_opt.ascent`, the parameters frozen) and are written back;
+  then the base method's loss is computed with noise N(0, s_i^2 I).
+  """
+  tc, dc = config.train, config.train.ds
+  kind = config.noise.kind
+  m = tc.num_noise
+
+  def step(variables, opt_state, table, batch, key, epoch, eps_adv):
+    ids, pos, labels = batch["example_ids"], batch["pos"], batch["labels"]
     mask = batch["mask"].astype(jnp.float32)
+    keys = example_keys(key, ids, epoch)
+    k_aug, k_noise, k_attack = (
+        jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(keys))
+    x = jax.vmap(lambda k, im: augment(k, im, tc.crop_padding, tc.flip))(
+        k_aug, batch["images"])
+    sigma = table[pos]
+    if ds_active:
+      if dc.bn_mode == "train":
+        forward = lambda im: bundle.apply_train(variables, im)[0]
+      else:
+        forward = lambda im: bundle.apply_fn(variables, im)
+      new_sigma, _, _, _ = sigma_opt.ascent(
+          forward, x, sigma, jax.random.fold_in(key, 1), ids.astype(jnp.int32),
+          steps=dc.steps, lr=dc.lr, num_samples=dc.num_samples,
+          clip=tuple(dc.clip), sigma_min=dc.sigma_min, kind=kind,
+          coupled=dc.bn_mode == "train", block_offset=epoch * dc.steps)
+      sigma = jnp.where(batch["mask"], jax.lax.stop_gradient(new_sigma), sigma)
+      table = table.at[pos].set(jnp.where(batch["mask"], sigma, table[pos]))
+    if tc.method == "smoothadv":
+      x = losses.smoothadv_attack(
+          lambda im: bundle.apply_fn(variables, im), x, labels, sigma,
+          k_attack[0], eps=eps_adv, steps=tc.smoothadv.steps,
+          num_samples=m, kind=kind)
+    noise = jax.vmap(lambda k, s: noise_lib.draw(k, (m,) + x.shape[1:], s,
+                                                 kind))(k_noise, sigma)
+    noisy = (x[:, None] + noise).reshape((-1,) + x.shape[1:])
 
     def loss_fn(params):
-      logits, new_state = bundle.apply_train({**variables, "params": params}, x)
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                           batch["labels"])
-      loss = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+      logits, new_state = bundle.apply_train({**variables, "params": params},
+                                             noisy)
+      logits = logits.reshape(x.shape[0], m, -1)
+      if tc.method == "macer":
+        mc = tc.macer
+        loss, _ = losses.macer_loss(logits, labels, sigma, lbd=mc.lbd,
+                                    gamma=mc.gamma, beta=mc.beta,
+                                    variant=mc.variant, mask=mask)
+      else:  # gaussian, smoothadv: cross-entropy over all noisy copies
+        loss = losses.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), jnp.repeat(labels, m),
+            jnp.repeat(mask, m))
       return loss, (logits, new_state)
 
     (loss, (logits, new_state)), grads = jax.value_and_grad(
@@ -110,12 +178,13 @@ def make_train_step(bundle: models.ModelBundle, tx, *, noise_kind: str,
     updates, opt_state = tx.update(grads, opt_state, variables["params"])
     params = optax.apply_updates(variables["params"], updates)
     variables = {**variables, **new_state, "params": params}
-    correct = (jnp.argmax(logits, -1) == batch["labels"]) * mask
-    metrics = {"loss": loss * jnp.sum(mask), "correct": jnp.sum(correct),
+    pred = jnp.argmax(jnp.mean(jax.nn.softmax(logits, -1), axis=1), -1)
+    metrics = {"loss": loss * jnp.sum(mask),
+               "correct": jnp.sum((pred == labels) * mask),
                "count": jnp.sum(mask)}
-    return variables, opt_state, metrics
+    return variables, opt_state, table, metrics
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 def make_eval_step(bundle: models.ModelBundle, noise_kind: str):
@@ -136,9 +205,12 @@ def make_eval_step(bundle: models.ModelBundle, noise_kind: str):
   return jax.jit(step)
 
 
-def build_model(config: ml_collections.ConfigDict,
-                image_shape) -> models.ModelBundle:
+def build_model(config: ml_collections.ConfigDict, image_shape,
+                training: bool = False) -> models.ModelBundle:
+  """The configured model; in training, bf16 compute if `train.dtype` says."""
   kwargs = {}
+  if training and config.train.dtype == "bfloat16":
+    kwargs["dtype"] = jnp.bfloat16
   if config.model.conv_features:
     kwargs["conv_features"] = tuple(config.model.conv_features)
   return models.build(config.model.name, config.model.num_classes,
@@ -156,6 +228,24 @@ def check_dataset_fits(config, ds) -> None:
   if ds.num_classes != config.model.num_classes:
     raise ConfigError(f"dataset {ds.name} has {ds.num_classes} classes but "
                       f"model.num_classes={config.model.num_classes}")
+
+
+def _summary_writer(workdir: str):
+  """A TensorBoard writer when one is installed (tensorboardX), else None."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def sigma_stats(table: np.ndarray, bins: int = 20) -> dict[str, Any]:
+  """Mean, min, max and a histogram of a sigma table (for metrics.jsonl)."""
+  counts, edges = np.histogram(table, bins=bins)
+  return {"mean": float(table.mean()), "min": float(table.min()),
+          "max": float(table.max()), "std": float(table.std()),
+          "hist_counts": counts.tolist(),
+          "hist_edges": [float(e) for e in edges]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -181,23 +271,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the "
                       f"{len(train_ds)} training examples")
   total_steps = tc.epochs * steps_per_epoch
+  # Position of each example id in the training split: the sigma table's row.
+  order = np.argsort(train_ds.example_ids)
+  sorted_ids = train_ds.example_ids[order]
 
-  bundle = build_model(config, train_ds.image_shape)
+  def positions(ids):
+    return order[np.clip(np.searchsorted(sorted_ids, ids), 0, len(order) - 1)]
+
+  bundle = build_model(config, train_ds.image_shape, training=True)
   key = jax.random.key(config.seed)
   variables = bundle.init(jax.random.fold_in(key, 0))
   tx = make_optimizer(tc, steps_per_epoch)
   opt_state = tx.init(variables["params"])
+  table = np.full(len(train_ds), config.noise.sigma, np.float32)
 
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.ckpt.max_to_keep)
   start_epoch, start_batch, step = 0, 0, 0
   if ckpt.latest_step() is not None:
     meta = ckpt.read_meta()
-    if meta.get("model") != config.model.name:
-      raise ConfigError(f"{workdir} holds a checkpoint of model "
-                        f"{meta.get('model')!r}, not {config.model.name!r}; "
-                        "use another --workdir")
-    restored = ckpt.restore(variables, opt_state)
+    for name, want in (("model", config.model.name),
+                       ("method", tc.method), ("data", config.data.name)):
+      if meta.get(name) != want:
+        raise ConfigError(f"{workdir} holds a checkpoint with {name} "
+                          f"{meta.get(name)!r}, not {want!r}; use another "
+                          "--workdir")
+    restored = ckpt.restore(variables, opt_state, sigma_table_like=table)
     variables, opt_state = restored["params"], restored["opt_state"]
+    table = np.asarray(restored["sigma_table"])
     step, start_epoch, start_batch = meta["step"], meta["epoch"], meta["batch"]
     print(f"resuming from step {step} (epoch {start_epoch}, batch "
           f"{start_batch})", flush=True)
@@ -208,13 +308,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batch_sharding = NamedSharding(mesh, P(sampler.DATA_AXIS))
   variables = jax.device_put(variables, replicated)
   opt_state = jax.device_put(opt_state, replicated)
-  train_step = make_train_step(bundle, tx, noise_kind=config.noise.kind,
-                               crop_padding=tc.crop_padding, flip=tc.flip)
+  table = jax.device_put(jnp.asarray(table), replicated)
+  train_steps = {}
   eval_step = make_eval_step(bundle, config.noise.kind)
   sigma = jnp.float32(config.noise.sigma)
   eval_ds = test_ds.take(np.arange(min(tc.eval_examples, len(test_ds))))
   eval_bs = min(tc.batch_size, 500)
   eval_bs = max(ndev, eval_bs - eval_bs % ndev)
+  writer = _summary_writer(workdir)
 
   def put(batch):
     return {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
@@ -223,7 +324,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ckpt.save(step, variables, opt_state,
               {"step": step, "epoch": epoch, "batch": batch_idx,
                "seed": config.seed, "model": config.model.name,
-               "data": config.data.name})
+               "method": tc.method, "data": config.data.name,
+               "num_train": len(train_ds)},
+              sigma_table=table)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   bar = progress_lib.Progress(total_steps, "train", unit="steps", every_s=15)
@@ -232,14 +335,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   for epoch in range(start_epoch, tc.epochs):
     t0 = time.time()
     sums = None
+    ds_active = bool(tc.ds.enabled and epoch >= tc.ds.start_epoch)
+    if ds_active not in train_steps:
+      train_steps[ds_active] = make_train_step(bundle, tx, config, ds_active)
+    eps_adv = jnp.float32(losses.smoothadv_epsilon(
+        epoch, tc.smoothadv.eps, tc.smoothadv.warmup_epochs))
     batches = data_lib.iterate_batches(train_ds, tc.batch_size,
                                        shuffle_key_seed=config.seed,
                                        epoch=epoch, drop_remainder=True)
     for b_idx, batch in enumerate(batches):
       if epoch == start_epoch and b_idx < start_batch:
         continue
-      variables, opt_state, m = train_step(variables, opt_state, put(batch),
-                                           key, epoch, sigma)
+      batch["pos"] = positions(batch["example_ids"]).astype(np.int32)
+      variables, opt_state, table, m = train_steps[ds_active](
+          variables, opt_state, table, put(batch), key, epoch, eps_adv)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
       step += 1
       bar.update(step)
@@ -251,39 +360,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       clean, noisy = clean + int(c), noisy + int(n)
     sums = jax.device_get(sums) if sums is not None else None
     count = float(sums["count"]) if sums else 0.0
-    last = {"epoch": epoch + 1, "step": step,
+    elapsed = time.time() - t0
+    last = {"epoch": epoch + 1, "step": step, "method": tc.method,
+            "ds_active": ds_active,
             "train_loss": float(sums["loss"]) / count if count else None,
             "train_accuracy": float(sums["correct"]) / count if count else None,
             "test_accuracy": clean / len(eval_ds),
             "noisy_test_accuracy": noisy / len(eval_ds),
-            "sigma": float(config.noise.sigma),
-            "epoch_time_s": time.time() - t0,
-            "images_per_s": count / max(time.time() - t0, 1e-9)}
+            "sigma0": float(config.noise.sigma),
+            "sigma_table": sigma_stats(np.asarray(table)),
+            "smoothadv_eps": float(eps_adv) if tc.method == "smoothadv" else None,
+            "epoch_time_s": elapsed,
+            "images_per_s": count / max(elapsed, 1e-9)}
     with open(metrics_path, "a") as f:
       f.write(json.dumps(last) + "\n")
+    if writer is not None:
+      for name in ("train_loss", "train_accuracy", "test_accuracy",
+                   "noisy_test_accuracy", "images_per_s"):
+        if last[name] is not None:
+          writer.add_scalar(name, last[name], step)
+      writer.add_histogram("sigma_table", np.asarray(table), step)
+      writer.flush()
+    st = last["sigma_table"]
     print(f"epoch {epoch + 1}/{tc.epochs}: loss {last['train_loss']:.4f} "
           f"train acc {last['train_accuracy']:.3f} test acc "
           f"{last['test_accuracy']:.3f} noisy test acc "
-          f"{last['noisy_test_accuracy']:.3f} ({last['epoch_time_s']:.1f} s)",
-          flush=True)
+          f"{last['noisy_test_accuracy']:.3f} sigma {st['mean']:.3f} "
+          f"[{st['min']:.3f}, {st['max']:.3f}] ({elapsed:.1f} s)", flush=True)
   if ckpt.latest_step() != step:
     save(tc.epochs, 0)
   ckpt.wait()
   ckpt.close()
+  ckpt_lib.export_params(os.path.join(workdir, EXPORT_DIR), variables,
+                         {"model": config.model.name, "step": step,
+                          "method": tc.method, "data": config.data.name},
+                         dtype=config.ckpt.export_dtype)
+  if writer is not None:
+    writer.close()
   return last
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str,
                    image_shape) -> tuple[models.ModelBundle, Any]:
-  """The model and its trained variables from `<workdir>/checkpoints`."""
+  """The model and its trained variables.
+
+  From the parameters-only export at `config.certify.checkpoint` when set,
+  else from `<workdir>/checkpoints`.
+  """
   bundle = build_model(config, image_shape)
   template = jax.eval_shape(bundle.init, jax.random.key(0))
-  ckpt = ckpt_lib.Checkpointer(workdir, create=False)
-  meta = ckpt.read_meta()
+  if config.certify.checkpoint:
+    params, meta = ckpt_lib.load_exported(config.certify.checkpoint, template)
+  else:
+    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
+    meta = ckpt.read_meta()
+    params = None
   if meta.get("model") != config.model.name:
     raise ConfigError(f"the checkpoint in {workdir} is of model "
                       f"{meta.get('model')!r}, not {config.model.name!r}")
-  restored = ckpt.restore(template)
-  ckpt.close()
-  return bundle, restored["params"]
-
+  if params is None:
+    params = ckpt.restore(template)["params"]
+    ckpt.close()
+  return bundle, params

@@ -15,6 +15,7 @@ from dds_jax.errors import ConfigError
 MODEL_NAMES = ("small_cnn", "resnet18", "resnet50")
 SCHEDULES = ("constant", "step", "cosine")
 SIGMA_OPTIMIZERS = ("ascent", "sgd", "adam")
+METHODS = ("gaussian", "smoothadv", "macer")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -55,6 +56,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.flip = False            # random horizontal flip
   c.train.eval_examples = 500     # test examples for the per-epoch noisy accuracy
   c.train.log_every_steps = 50
+  c.train.num_noise = 1           # noisy copies per example (MACER's k, m_train)
+  c.train.dtype = "float32"       # float32 | bfloat16 (compute; params float32)
+  c.train.smoothadv = ml_collections.ConfigDict()
+  c.train.smoothadv.eps = 0.25    # DDRS: 2 steps, eps 0.25, 1 warm-up epoch
+  c.train.smoothadv.steps = 2
+  c.train.smoothadv.warmup_epochs = 1
+  c.train.macer = ml_collections.ConfigDict()
+  c.train.macer.variant = "macer"  # macer (hinge on the gap, beta) | ddrs
+  c.train.macer.lbd = 12.0
+  c.train.macer.gamma = 8.0
+  c.train.macer.beta = 16.0
+  c.train.ds = ml_collections.ConfigDict()
+  c.train.ds.enabled = False      # per-sample sigma table
+  c.train.ds.start_epoch = 0
+  c.train.ds.steps = 1            # K_tr ascent steps per mini-batch
+  c.train.ds.lr = 1e-4
+  c.train.ds.num_samples = 1      # m draws per ascent step
+  c.train.ds.clip = (0.02, 0.98)
+  c.train.ds.sigma_min = 0.01
+  c.train.ds.bn_mode = "eval"     # eval | train (official scripts: train)
 
   c.certify = ml_collections.ConfigDict()
   c.certify.n0 = 100
@@ -66,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.samples_per_block = 100
   c.certify.examples_per_call = 32  # examples per sampler call (rows per flush)
   c.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+  c.certify.checkpoint = ""       # a parameters-only export dir ("" = workdir)
 
   c.sigma_opt = ml_collections.ConfigDict()
   c.sigma_opt.enabled = False     # data-dependent sigma at certification
@@ -88,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 500
   c.ckpt.max_to_keep = 2
+  c.ckpt.export_dtype = "float32"  # parameters-only export: float32 | bfloat16
   return c
 
 
@@ -151,9 +174,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"noise.kind={config.noise.kind!r}; expected gaussian or uniform")
   need(config.noise.sigma > 0, f"noise.sigma must be > 0; got "
        f"{config.noise.sigma}")  # NaN fails too
-  need(config.train.method == "gaussian",
-       f"train.method={config.train.method!r}; this version trains with "
-       "'gaussian' augmentation")
+  need(config.train.method in METHODS,
+       f"train.method={config.train.method!r}; expected one of {METHODS}")
+  need(config.train.macer.variant in ("macer", "ddrs"),
+       f"train.macer.variant={config.train.macer.variant!r}; expected macer "
+       "or ddrs")
+  need(config.train.dtype in ("float32", "bfloat16"),
+       f"train.dtype={config.train.dtype!r}; expected float32 or bfloat16")
+  need(config.train.ds.bn_mode in ("eval", "train"),
+       f"train.ds.bn_mode={config.train.ds.bn_mode!r}; expected eval or train")
+  need(config.train.num_noise >= 1, "train.num_noise must be >= 1")
+  need(config.train.ds.steps >= 0 and config.train.ds.num_samples >= 1 and
+       0 < config.train.ds.sigma_min <= config.noise.sigma,
+       "train.ds needs steps >= 0, num_samples >= 1 and 0 < sigma_min <= "
+       "noise.sigma")
+  need(config.ckpt.export_dtype in ("float32", "bfloat16"),
+       "ckpt.export_dtype must be float32 or bfloat16")
   need(config.train.schedule in SCHEDULES,
        f"train.schedule={config.train.schedule!r}; expected one of {SCHEDULES}")
   need(config.train.epochs >= 1 and config.train.batch_size >= 1,
