@@ -30,3 +30,14 @@ def test_configs_module_docstrings_name_their_commands():
   for name in ("digits", "cifar10", "imagenet"):
     path = os.path.join(conftest.REPO, "dds_jax", "configs", f"{name}.py")
     assert f"--config=dds_jax/configs/{name}.py" in open(path).read()
+
+
+def test_cifar10_variants_validate():
+  from dds_jax.configs import cifar10, common
+  for method in ("gaussian", "smoothadv", "macer"):
+    for sigma in (0.12, 0.25, 0.5, 1.0):
+      for ds in ("", ",ds"):
+        c = cifar10.get_config(f"data=x.zip,method={method},sigma={sigma}{ds}")
+        common.validate(c)
+        assert c.train.method == method and c.noise.sigma == sigma
+        assert c.train.ds.enabled == bool(ds) == c.memory.enabled
