@@ -3,14 +3,15 @@ r"""Throughput of `dds_jax.sampler.sample_counts` against the bare forward pass.
 Usage (from the repository root)::
 
   PYTHONPATH=. python bench/sampler.py [--quick] [--models=small_cnn,resnet18]
-      [--batch_sizes=100,400] [--num_samples=small_cnn:5000,resnet18:800]
+      [--batch_sizes=100,400] [--num_samples=small_cnn:2500,resnet18:400]
       [--out=bench/results/sampler.json]
 
 For every model, input shape and per-device batch size it measures, with
 random-init parameters and compilation excluded (one warm-up call first):
 
 1. forward img/s: `jax.jit(bundle.apply_fn)` on a fixed batch of `batch_size`
-   images, back-to-back calls, `jax.block_until_ready` at the end;
+   images, back-to-back calls covering the sampler's sample count,
+   `jax.block_until_ready` at the end;
    sampler samples/s: `sample_counts(..., mesh=make_mesh(1))` on
    `--num_examples` images with `num_samples` draws each (noise included);
    their ratio. Forward and sampler repetitions alternate so that load from
@@ -71,13 +72,13 @@ _BATCH_SIZES = flags.DEFINE_list(
     'Per-device batch sizes (noisy images per forward pass), each a multiple '
     'of --samples_per_block; for all models.')
 _NUM_SAMPLES = flags.DEFINE_list(
-    'num_samples', ['small_cnn:5000', 'resnet18:800'],
+    'num_samples', ['small_cnn:2500', 'resnet18:400'],
     'Draws per example, as one int for all models or MODEL:INT pairs.')
 _NUM_EXAMPLES = flags.DEFINE_integer(
     'num_examples', 2, 'Examples per sample_counts call.')
 _SAMPLES_PER_BLOCK = flags.DEFINE_integer(
     'samples_per_block', 100, 'Noisy copies per block.')
-_REPS = flags.DEFINE_integer('reps', 3, 'Timed repetitions (median taken).')
+_REPS = flags.DEFINE_integer('reps', 5, 'Timed repetitions (median taken).')
 _QUICK = flags.DEFINE_bool(
     'quick', False, 'Tiny sizes (a smoke test that runs in under a minute).')
 _SKIP_DEVICES = flags.DEFINE_bool(
@@ -158,6 +159,16 @@ def _summary(timed: list[tuple[float, float]], work: int) -> dict[str, Any]:
               cpu_per_wall=sum(c for _, c in timed) / sum(times))
 
 
+def _paired(num, num_work, den, den_work) -> float:
+  """Median over repetitions of the rate ratio of back-to-back timings.
+
+  Each repetition times both sides within seconds of each other, so this
+  ratio is less sensitive than a ratio of medians to load that drifts.
+  """
+  return statistics.median((num_work / n) / (den_work / d)
+                           for (n, _), (d, _) in zip(num, den))
+
+
 class _Case:
   """One model, input shape and batch size, with its compiled functions."""
 
@@ -205,8 +216,8 @@ class _Case:
       return out
     return run
 
-  def noise_fn(self):
-    """The noise of one step (per_device blocks) alone, jitted."""
+  def noise_fn(self, calls: int):
+    """`calls` times the noise of one step (per-device blocks) alone."""
     p = self.batch_size // self.spb
     shape = self.x.shape[1:]
 
@@ -221,7 +232,13 @@ class _Case:
             jnp.full((p,), _SIGMA, jnp.float32), jnp.zeros((p,), jnp.int32),
             jnp.arange(p, dtype=jnp.int32))
     jax.block_until_ready(gen(*args))
-    return lambda: gen(*args)
+
+    def run():
+      out = None
+      for _ in range(calls):
+        out = gen(*args)
+      return out
+    return run
 
 
 def _measure_main(s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -230,12 +247,12 @@ def _measure_main(s: dict[str, Any]) -> list[dict[str, Any]]:
   rows = []
   for model, shape, bs, n in _configs(s):
     case = _Case(model, shape, bs, n, s)
-    # Forward reps cover half the sampler's samples: enough to time, cheaper.
-    calls = max(1, math.ceil(case.total / bs / 2))
+    # Forward reps do the sampler's work (its samples, rounded up to batches).
+    calls = max(1, math.ceil(case.total / bs))
     fwd = case.forward_fn(calls)
     case.warm_sampler(mesh)
     smp = case.sampler_fn(mesh)
-    noise = case.noise_fn()
+    noise = case.noise_fn(calls)
     t_f, t_s, t_n = [], [], []
     for _ in range(s['reps']):
       _timed(fwd, t_f)
@@ -247,11 +264,12 @@ def _measure_main(s: dict[str, Any]) -> list[dict[str, Any]]:
                samples_per_block=case.spb, padding_fraction=case.padding(1),
                forward=_summary(t_f, calls * bs),
                sampler=_summary(t_s, case.total),
-               noise_only=_summary(t_n, bs))
+               noise_only=_summary(t_n, calls * bs))
     row['ratio_sampler_over_forward'] = (row['sampler']['median_per_s'] /
                                          row['forward']['median_per_s'])
     row['ratio_best'] = (row['sampler']['best_per_s'] /
                          row['forward']['best_per_s'])
+    row['ratio_paired'] = _paired(t_s, case.total, t_f, calls * bs)
     print(f'[1 dev] {model} {shape} bs={bs}: forward '
           f'{row["forward"]["median_per_s"]:.0f} img/s, sampler '
           f'{row["sampler"]["median_per_s"]:.0f} samples/s, ratio '
@@ -284,6 +302,7 @@ def _measure_devices(s: dict[str, Any]) -> list[dict[str, Any]]:
                                    row['sampler_1dev']['median_per_s'])
     row['ratio_best'] = (row['sampler_2dev']['best_per_s'] /
                          row['sampler_1dev']['best_per_s'])
+    row['ratio_paired'] = _paired(times[2], case.total, times[1], case.total)
     print(f'[1 vs 2 dev] {model} {shape} bs={bs}: '
           f'{row["sampler_1dev"]["median_per_s"]:.0f} -> '
           f'{row["sampler_2dev"]["median_per_s"]:.0f} samples/s, ratio '
@@ -354,12 +373,15 @@ def _table(main_rows, dev_rows) -> str:
         f'{r["batch_size"]} | {_fmt(r["forward"]["median_per_s"])} | '
         f'{_fmt(r["noise_only"]["median_per_s"])} | '
         f'{_fmt(r["sampler"]["median_per_s"])} | '
-        f'{_fmt(r["ratio_sampler_over_forward"], 2)}x | '
+        f'{_fmt(r["ratio_sampler_over_forward"], 2)}x '
+        f'({_fmt(r["ratio_paired"], 2)}x) | '
         f'{_fmt(d.get("sampler_1dev", {}).get("median_per_s"))} | '
         f'{_fmt(d.get("sampler_2dev", {}).get("median_per_s"))} | '
         f'{_fmt(d.get("ratio_2dev_over_1dev"), 2)}'
-        f'{"x" if d else ""} | {_fmt(r["sampler"]["cpu_per_wall"], 2)} |')
-  lines.append('\nCPU/wall: cores this process got while the 1-device '
+        f'{"x (" + _fmt(d["ratio_paired"], 2) + "x)" if d else ""} | {_fmt(r["sampler"]["cpu_per_wall"], 2)} |')
+  lines.append('\nRatios: of median rates (in brackets: median of per-'
+               'repetition ratios, sturdier under drifting load).')
+  lines.append('CPU/wall: cores this process got while the 1-device '
                'sampler ran (of os.cpu_count()); less means contention.')
   return '\n'.join(lines)
 

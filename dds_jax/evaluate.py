@@ -28,6 +28,7 @@ dependent sigma and data-dependent sigma with memory side by side.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import time
@@ -77,6 +78,56 @@ def _read_sigma_file(path: str, ids: np.ndarray) -> np.ndarray:
   return np.array([table[int(i)] for i in ids], np.float64)
 
 
+STATE = "certify_state.json"
+
+
+def _config_hash(config) -> str:
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()
+
+
+def _resume_state(config, out_dir: str, ds, store) -> dict[str, Any]:
+  """What an earlier, interrupted run of the same config left in out_dir.
+
+  A run records its config hash and the memory store's size at its start in
+  certify_state.json. A later run with the same config continues after the
+  last example in certify.tsv; certificates the killed run committed to the
+  store but had not yet written to the TSV are returned as pending.
+  """
+  path = os.path.join(out_dir, STATE)
+  fresh = {"config_hash": _config_hash(config),
+           "num_examples": len(ds),
+           "store_rows_before": len(store) if store is not None else 0}
+  empty = {"done": 0, "rows": None, "sigma_rows": None,
+           "pending_memory": {n: np.zeros(0) for n in
+                              ("pred", "radius", "raw_pred", "changed")}}
+  old = None
+  if config.certify.resume and os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+  tsv = os.path.join(out_dir, TSV)
+  if (old is None or old["config_hash"] != fresh["config_hash"] or
+      not os.path.exists(tsv)):
+    analysis.write_text(path, json.dumps(fresh, indent=2) + "\n")
+    return empty
+  rows = analysis.read_tsv(tsv)
+  done = len(rows["idx"])
+  if not np.array_equal(rows["idx"], ds.example_ids[:done]):
+    raise ConfigError(f"{tsv} does not hold the first {done} selected "
+                      "examples of this config; move it away to start over")
+  sigma_path = os.path.join(out_dir, SIGMA_TSV)
+  sigma_rows = (analysis.read_tsv(sigma_path, required=("idx", "sigma"))
+                if os.path.exists(sigma_path) else None)
+  out = dict(empty, done=done, rows=rows, sigma_rows=sigma_rows)
+  if store is not None:
+    rec = store.records()
+    first = old["store_rows_before"] + done
+    out["pending_memory"] = {"pred": rec["pred"][first:],
+                             "radius": rec["radius"][first:],
+                             "raw_pred": rec["raw_pred"][first:],
+                             "changed": rec["changed"][first:]}
+  return out
+
+
 def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
                     out_dir: Optional[str] = None, params=None,
                     bundle=None) -> dict[str, Any]:
@@ -119,12 +170,24 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
       print(f"memory store {store.path} holds {len(store)} certificates from "
             "earlier queries; new ones are checked against them", flush=True)
 
-  rows = {name: [] for name in COLUMNS + (MEMORY_COLUMNS if store is not None else ())}
+  names = COLUMNS + (MEMORY_COLUMNS if store is not None else ())
+  rows = {name: [] for name in names}
   sigma_rows = {"idx": [], "sigma0": [], "sigma": [], "nonfinite_steps": []}
+  state = _resume_state(config, out_dir, ds, store)
+  done = state["done"]
+  if done:
+    rows = {n: state["rows"][n].tolist() for n in names}
+    if state["sigma_rows"] is not None:
+      sigma_rows = {n: state["sigma_rows"][n].tolist()[:done]
+                    for n in sigma_rows}
+    print(f"resuming certification at example {done} of {len(ds)} "
+          f"({os.path.join(out_dir, TSV)})", flush=True)
+  pending_memory = state["pending_memory"]  # committed before a crash
   bar = progress_lib.Progress(len(ds), "certify", unit="examples")
+  bar.resume_from(done)
   start = time.time()
   sigma_time = 0.0
-  for lo in range(0, len(ds), cc.examples_per_call):
+  for lo in range(done, len(ds), cc.examples_per_call):
     part = ds.take(np.arange(lo, min(lo + cc.examples_per_call, len(ds))))
     t0 = time.time()
     sigma = np.full(len(part), sigma0)
@@ -152,11 +215,22 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
         samples_per_block=cc.samples_per_block, noise=config.noise.kind,
         mesh=mesh)
     if store is not None:
-      mem = store.insert_many(part.images, cert.pred, cert.radius,
-                              example_ids=part.example_ids.tolist())
-      rows["predict_mem"] += mem.preds.tolist()
-      rows["radius_mem"] += mem.radii.tolist()
-      rows["changed"] += mem.changed.astype(int).tolist()
+      # Certificates a killed run committed but did not write to the TSV are
+      # in the store already: take them from there instead of inserting twice.
+      k = min(len(pending_memory["pred"]), len(part))
+      if k:
+        assert np.array_equal(pending_memory["raw_pred"][:k], cert.pred[:k])
+        rows["predict_mem"] += pending_memory["pred"][:k].tolist()
+        rows["radius_mem"] += pending_memory["radius"][:k].tolist()
+        rows["changed"] += pending_memory["changed"][:k].astype(int).tolist()
+        pending_memory = {n: v[k:] for n, v in pending_memory.items()}
+      if k < len(part):
+        mem = store.insert_many(part.images[k:], cert.pred[k:],
+                                cert.radius[k:],
+                                example_ids=part.example_ids[k:].tolist())
+        rows["predict_mem"] += mem.preds.tolist()
+        rows["radius_mem"] += mem.radii.tolist()
+        rows["changed"] += mem.changed.astype(int).tolist()
     per_example = (time.time() - t0) / len(part)
     rows["idx"] += part.example_ids.tolist()
     rows["label"] += part.labels.tolist()

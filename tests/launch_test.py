@@ -169,3 +169,42 @@ def test_l1_uniform_noise_through_sigma_opt_and_memory(trained, tmp_path):
   np.testing.assert_allclose(cols["radius"][ok],
                              2 * cols["sigma"][ok] * (cols["p_lower"][ok] - 0.5),
                              rtol=1e-4)
+
+
+def test_killed_certification_resumes_to_the_same_files(trained, tmp_path):
+  import signal
+  import sqlite3
+  import time
+  workdir, _ = trained
+  full = analysis.read_tsv(os.path.join(workdir, "ds", "certify.tsv"))
+  # A fresh results dir, the model from the parameters-only export.
+  flags = [f"--config={DIGITS}", f"--workdir={tmp_path}/w",
+           f"--config.certify.checkpoint={workdir}/export",
+           f"--config.memory.path={tmp_path}/m.sqlite",
+           "--config.certify.examples_per_call=4"]
+  args = [sys.executable, "-m", "launch.certify"] + flags
+  # The uninterrupted run with 4 examples per call gives the same rows.
+  proc = subprocess.Popen(args, cwd=conftest.REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=conftest.subprocess_env(1))
+  tsv = os.path.join(tmp_path, "w", "certify.tsv")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(tsv) and len(open(tsv).read().splitlines()) >= 9:
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "certification ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  partial = analysis.read_tsv(tsv)
+  assert 8 <= len(partial["idx"]) < 30
+  res = launch("certify", *flags)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "resuming certification at example" in res.stdout
+  again = analysis.read_tsv(tsv)
+  _same_except_time(full, again, ["idx", "label", "predict", "radius",
+                                  "correct", "sigma", "p_lower",
+                                  "predict_mem", "radius_mem", "changed"])
+  with sqlite3.connect(f"{tmp_path}/m.sqlite") as db:
+    ids = [r[0] for r in db.execute("SELECT example_id FROM certificates "
+                                    "ORDER BY id")]
+  assert ids == again["idx"].tolist()       # each certificate stored once

@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.examples_per_call = 32  # examples per sampler call (rows per flush)
   c.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
   c.certify.checkpoint = ""       # a parameters-only export dir ("" = workdir)
+  c.certify.resume = True         # continue an interrupted run of this config
 
   c.sigma_opt = ml_collections.ConfigDict()
   c.sigma_opt.enabled = False     # data-dependent sigma at certification

@@ -1,0 +1,475 @@
+r"""dds_jax against the PyTorch reference code, same models, inputs and settings.
+
+Usage (from the repository root)::
+
+  PYTHONPATH=. python bench/compare.py [--quick] [--models=small_cnn,resnet18]
+      [--reps=2] [--out=bench/results/compare.json]
+
+For each model (random-init dds_jax parameters; the PyTorch twin gets the same
+weights through `dds_jax.convert.to_torch_state_dict`, see
+`bench/reference_torch.py`, and the run stops unless both give the same
+logits) on the same images, sigma and N:
+
+1. certification samples/s = images x (n0 + N) / wall time:
+   `dds_jax.certify.certify(..., batch_size=1000)` on all images in one call
+   vs the reference `Smooth.certify` (Cohen's loop, batch 1000) image after
+   image, as DDRS's `certify_ds.py` runs it. Only requested samples count:
+   the JAX sampler computes whole blocks of 100 in steps of 1000 images, so
+   with few images its padding is paid for here (`jax_computed_samples`).
+2. sigma-optimization examples/s = images / wall time:
+   `dds_jax.sigma_opt.optimize_sigma(steps=K, num_samples=m,
+   examples_per_device=images)` vs the official batched ascent
+   (`OptimzeSigma`) on the same images at once; both plain ascent, lr 1e-4.
+   (JAX also evaluates the proxy once more after the last step.)
+3. profile, per framework: the bare forward pass at the certification batch
+   (1000 images: jitted `apply_fn` / `torch.no_grad()`), the noise alone for
+   one such batch (the sampler's per-block noise, jitted / `randn_like *
+   sigma + x`), and the JAX sampler's samples/s over the estimation phase
+   (the n draws) against the jitted forward pass.
+
+Compilation (JAX) and first calls (PyTorch) are excluded by a warm-up on the
+same shapes. Repetitions alternate between the frameworks so that load from
+other processes hits both alike; medians are reported. PyTorch uses
+`torch.set_num_threads(os.cpu_count())`; XLA uses all cores by default.
+`os.getloadavg()` is recorded at the start and end of the run and of every
+model, with each timing's CPU seconds per wall second (`cpu_per_wall`).
+
+Writes every measurement and a machine description to --out as JSON and
+prints a Markdown table last.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from bench import reference_torch
+from dds_jax.certify import certify as jax_certify
+from dds_jax import models
+from dds_jax import noise as noise_lib
+from dds_jax import sampler
+from dds_jax import sigma_opt
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_MODELS = flags.DEFINE_list('models', ['small_cnn', 'resnet18'],
+                            'Models to compare (32x32x3 inputs).')
+_NUM_IMAGES = flags.DEFINE_list(
+    'num_images', ['small_cnn:4', 'resnet18:2'],
+    'Images per model, as MODEL:INT pairs.')
+_CERTIFY_N = flags.DEFINE_list(
+    'certify_n', ['small_cnn:10000', 'resnet18:1000'],
+    'N (estimation draws) per model, as MODEL:INT pairs.')
+_SIGMA_STEPS = flags.DEFINE_list(
+    'sigma_steps', ['small_cnn:100', 'resnet18:10'],
+    'Ascent steps K per model, as MODEL:INT pairs.')
+_SIGMA_M = flags.DEFINE_list(
+    'sigma_m', ['small_cnn:16', 'resnet18:8'],
+    'Noise draws m per ascent step per model, as MODEL:INT pairs.')
+_REPS = flags.DEFINE_integer('reps', 2, 'Timed repetitions (median taken).')
+_QUICK = flags.DEFINE_bool(
+    'quick', False, 'Tiny sizes (a smoke test, about a minute).')
+_OUT = flags.DEFINE_string('out', 'bench/results/compare.json',
+                           'Where to write the JSON results.')
+
+_SHAPE = (32, 32, 3)
+_NUM_CLASSES = 10
+_SIGMA = 0.25
+_N0 = 100
+_ALPHA = 0.001
+_BATCH = 1000  # certify_ds.py's --batch default; dds_jax's batch_size
+_LR = 1e-4
+_QUICK_SETTINGS = dict(num_images=1, certify_n=100, sigma_steps=2, sigma_m=2,
+                       reps=1)
+
+
+def _per_model(values: list[str], what: str) -> dict[str, int]:
+  out = {}
+  for item in values:
+    name, _, n = item.partition(':')
+    out[name] = int(n)
+  missing = [m for m in _MODELS.value if m not in out]
+  if missing:
+    raise app.UsageError(f'--{what} has no value for {missing}')
+  return out
+
+
+def _settings() -> dict[str, Any]:
+  for m in _MODELS.value:
+    if m not in ('small_cnn', 'resnet18'):
+      raise app.UsageError(f'unknown model {m!r}')
+  if _QUICK.value:
+    q = _QUICK_SETTINGS
+    per = {k: {m: q[k] for m in _MODELS.value}
+           for k in ('num_images', 'certify_n', 'sigma_steps', 'sigma_m')}
+    return dict(per, reps=q['reps'])
+  return dict(num_images=_per_model(_NUM_IMAGES.value, 'num_images'),
+              certify_n=_per_model(_CERTIFY_N.value, 'certify_n'),
+              sigma_steps=_per_model(_SIGMA_STEPS.value, 'sigma_steps'),
+              sigma_m=_per_model(_SIGMA_M.value, 'sigma_m'),
+              reps=_REPS.value)
+
+
+def _timed(fn: Callable[[], Any], out: list[tuple[float, float]]) -> Any:
+  """Appends (wall s, process CPU s) of one call of fn; returns its result."""
+  c, t = os.times(), time.perf_counter()
+  result = jax.block_until_ready(fn())
+  t, c2 = time.perf_counter() - t, os.times()
+  out.append((t, c2.user - c.user + c2.system - c.system))
+  return result
+
+
+def _summary(timed: list[tuple[float, float]], work: float) -> dict[str, Any]:
+  times = [t for t, _ in timed]
+  return dict(times_s=times, items_per_rep=work,
+              median_per_s=work / statistics.median(times),
+              best_per_s=work / min(times),
+              cpu_per_wall=sum(c for _, c in timed) / sum(times))
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+class _Case:
+  """One model: its JAX and PyTorch callables on fixed inputs."""
+
+  def __init__(self, name: str, s: dict[str, Any]):
+    self.name = name
+    self.bundle = models.build(name, _NUM_CLASSES, _SHAPE)
+    self.apply_fn = self.bundle.apply_fn  # one object: the step cache key
+    self.variables = jax.jit(self.bundle.init)(jax.random.key(0))
+    self.torch_model = reference_torch.from_flax(self.bundle, self.variables)
+    self.b = s['num_images'][name]
+    self.n = s['certify_n'][name]
+    self.steps = s['sigma_steps'][name]
+    self.m = s['sigma_m'][name]
+    rng = np.random.default_rng(0)
+    self.x = rng.uniform(size=(self.b,) + _SHAPE).astype(np.float32)
+    self.xt = _nchw(self.x)
+    self.key = jax.random.key(0)
+    self.phase_times = []
+
+  # --- certification -------------------------------------------------------
+
+  def jax_certify(self):
+    marks = {}
+    boundary = self.b * _N0
+
+    def progress(done, total):
+      del total
+      if done == boundary and 'n0_done' not in marks:
+        marks['n0_done'] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    cert = jax_certify(
+        self.apply_fn, self.variables, self.x, _SIGMA, self.key, n0=_N0,
+        n=self.n, alpha=_ALPHA, batch_size=_BATCH, progress=progress)
+    t1 = time.perf_counter()
+    if 'n0_done' in marks:
+      self.phase_times.append((marks['n0_done'] - t0, t1 - marks['n0_done']))
+    return cert
+
+  def torch_certify(self):
+    smooth = reference_torch.Smooth(self.torch_model, _NUM_CLASSES, _SIGMA)
+    return [smooth.certify(self.xt[i], _N0, self.n, _ALPHA, _BATCH)
+            for i in range(self.b)]
+
+  def jax_computed_samples(self) -> int:
+    """Noisy images the JAX sampler pushes through, padding included."""
+    spb = sampler.DEFAULT_SAMPLES_PER_BLOCK
+    per_step = _BATCH // spb
+    total = 0
+    for num in (_N0, self.n):
+      blocks = self.b * -(-num // spb)
+      total += -(-blocks // per_step) * _BATCH
+    return total
+
+  # --- sigma optimization --------------------------------------------------
+
+  def jax_sigma(self, steps=None):
+    return sigma_opt.optimize_sigma(
+        self.apply_fn, self.variables, self.x, _SIGMA, self.key,
+        steps=steps or self.steps, lr=_LR, num_samples=self.m,
+        examples_per_device=self.b)
+
+  def torch_sigma(self, steps=None):
+    return reference_torch.optimize_sigma(
+        self.torch_model, self.xt, _LR, torch.full((self.b,), _SIGMA),
+        steps or self.steps, self.m, _NUM_CLASSES).numpy()
+
+  # --- profile ---------------------------------------------------------------
+
+  def jax_forward(self):
+    fwd = jax.jit(self.apply_fn)
+    xb = jnp.asarray(np.resize(self.x, (_BATCH,) + _SHAPE))
+    jax.block_until_ready(fwd(self.variables, xb))
+    return lambda: fwd(self.variables, xb)
+
+  def jax_noise(self):
+    """One sampler step's noise (10 blocks of 100 copies) alone, jitted."""
+    spb = sampler.DEFAULT_SAMPLES_PER_BLOCK
+    p = _BATCH // spb
+
+    @jax.jit
+    def gen(key, x, sigma, ids, blocks):
+      def one(xi, si, idi, bi):
+        k = noise_lib.block_key(key, int(noise_lib.Purpose.ESTIMATE), idi, bi)
+        return xi[None] + noise_lib.draw(k, (spb,) + _SHAPE, si)
+      return jax.vmap(one)(x, sigma, ids, blocks)
+
+    args = (self.key, jnp.asarray(np.resize(self.x, (p,) + _SHAPE)),
+            jnp.full((p,), _SIGMA, jnp.float32), jnp.zeros((p,), jnp.int32),
+            jnp.arange(p, dtype=jnp.int32))
+    jax.block_until_ready(gen(*args))
+    return lambda: gen(*args)
+
+  def torch_forward(self):
+    batch = self.xt[0].repeat((_BATCH, 1, 1, 1))
+
+    def run():
+      with torch.no_grad():
+        return self.torch_model(batch).argmax(1).numpy()
+    run()
+    return run
+
+  def torch_noise(self):
+    def run():
+      batch = self.xt[0].repeat((_BATCH, 1, 1, 1))
+      return (batch + torch.randn_like(batch) * _SIGMA).numpy()
+    run()
+    return run
+
+
+def _measure(case: _Case, s: dict[str, Any]) -> dict[str, Any]:
+  """All timings of one model."""
+  name = case.name
+  load_start = list(os.getloadavg())
+  probe = np.concatenate([case.x, np.clip(
+      case.x + _SIGMA * np.random.default_rng(1).normal(size=(8,) + _SHAPE),
+      0, 1).astype(np.float32)])
+  same = reference_torch.check_same_function(case.bundle, case.variables,
+                                             case.torch_model, probe)
+  print(f'[{name}] same function: argmax agreement {same["agreement"]:.3f} '
+        f'on {len(probe)} images, max |logit diff| '
+        f'{same["max_abs_diff"]:.2e} (scale {same["logit_scale"]:.2f})',
+        flush=True)
+
+  # Warm-up: compile every JAX shape, first-call every torch shape.
+  t = time.perf_counter()
+  sampler.sample_counts(case.apply_fn, case.variables, case.x[:1], _SIGMA,
+                        case.key, _N0, _NUM_CLASSES, _BATCH)
+  case.jax_sigma()
+  jax_fwd, jax_noise = case.jax_forward(), case.jax_noise()
+  warm_jax = time.perf_counter() - t
+  t = time.perf_counter()
+  reference_torch.Smooth(case.torch_model, _NUM_CLASSES, _SIGMA).certify(
+      case.xt[0], _N0, min(case.n, _BATCH), _ALPHA, _BATCH)
+  case.torch_sigma(steps=1)
+  torch_fwd, torch_noise = case.torch_forward(), case.torch_noise()
+  warm_torch = time.perf_counter() - t
+  print(f'[{name}] warm-up: JAX {warm_jax:.1f} s (compilation), PyTorch '
+        f'{warm_torch:.1f} s', flush=True)
+
+  t_jc, t_tc, t_js, t_ts = [], [], [], []
+  t_jf, t_tf, t_jn, t_tn = [], [], [], []
+  case.phase_times.clear()
+  for rep in range(s['reps']):
+    jax_cert = _timed(case.jax_certify, t_jc)
+    torch_cert = _timed(case.torch_certify, t_tc)
+    jax_sig = _timed(case.jax_sigma, t_js)
+    torch_sig = _timed(case.torch_sigma, t_ts)
+    _timed(jax_fwd, t_jf)
+    _timed(torch_fwd, t_tf)
+    _timed(jax_noise, t_jn)
+    _timed(torch_noise, t_tn)
+    print(f'[{name}] rep {rep}: certify JAX {t_jc[-1][0]:.1f} s / PyTorch '
+          f'{t_tc[-1][0]:.1f} s; sigma-opt JAX {t_js[-1][0]:.1f} s / '
+          f'PyTorch {t_ts[-1][0]:.1f} s', flush=True)
+
+  samples = case.b * (_N0 + case.n)
+  row = dict(
+      model=name, input_shape=list(_SHAPE), num_images=case.b, n0=_N0,
+      n=case.n, alpha=_ALPHA, sigma=_SIGMA, batch_size=_BATCH,
+      sigma_steps=case.steps, sigma_m=case.m, lr=_LR,
+      params=models.count_params(case.variables),
+      same_function=same, warmup_s=dict(jax=warm_jax, torch=warm_torch),
+      certify=dict(
+          jax=_summary(t_jc, samples), torch=_summary(t_tc, samples),
+          samples_per_rep=samples,
+          jax_computed_samples=case.jax_computed_samples(),
+          jax_pred=jax_cert.pred.tolist(),
+          jax_radius=jax_cert.radius.tolist(),
+          torch_pred=[int(p) for p, _ in torch_cert],
+          torch_radius=[float(r) for _, r in torch_cert]),
+      sigma_opt=dict(
+          jax=_summary(t_js, case.b), torch=_summary(t_ts, case.b),
+          noisy_images_per_rep=case.b * case.m * case.steps,
+          jax_sigma=np.asarray(jax_sig).tolist(),
+          torch_sigma=np.asarray(torch_sig).tolist()),
+      profile=dict(
+          jax_forward=_summary(t_jf, _BATCH),
+          torch_forward=_summary(t_tf, _BATCH),
+          jax_noise=_summary(t_jn, _BATCH),
+          torch_noise=_summary(t_tn, _BATCH)),
+      loadavg_start=load_start, loadavg_end=list(os.getloadavg()))
+  c, g, p = row['certify'], row['sigma_opt'], row['profile']
+  c['ratio_jax_over_torch'] = (c['jax']['median_per_s'] /
+                               c['torch']['median_per_s'])
+  g['ratio_jax_over_torch'] = (g['jax']['median_per_s'] /
+                               g['torch']['median_per_s'])
+  p['ratio_forward_jax_over_torch'] = (p['jax_forward']['median_per_s'] /
+                                       p['torch_forward']['median_per_s'])
+  c['jax_certify_over_forward'] = (c['jax']['median_per_s'] /
+                                   p['jax_forward']['median_per_s'])
+  c['torch_certify_over_forward'] = (c['torch']['median_per_s'] /
+                                     p['torch_forward']['median_per_s'])
+  if case.phase_times:
+    est = statistics.median(t for _, t in case.phase_times)
+    c['jax_sampler_estimation'] = dict(
+        times_s=[t for _, t in case.phase_times], samples=case.b * case.n,
+        median_per_s=case.b * case.n / est,
+        over_forward=case.b * case.n / est / p['jax_forward']['median_per_s'])
+  print(f'[{name}] certify {c["jax"]["median_per_s"]:.0f} vs '
+        f'{c["torch"]["median_per_s"]:.0f} samples/s '
+        f'({c["ratio_jax_over_torch"]:.2f}x); sigma-opt '
+        f'{g["jax"]["median_per_s"]:.3f} vs {g["torch"]["median_per_s"]:.3f} '
+        f'examples/s ({g["ratio_jax_over_torch"]:.2f}x)', flush=True)
+  return row
+
+
+def _git_head() -> str | None:
+  try:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=_REPO, check=True,
+                          capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def _machine() -> dict[str, Any]:
+  cpu = None
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          cpu = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  import flax  # pylint: disable=g-import-not-at-top
+  return dict(
+      cpu_model=cpu, nproc=os.cpu_count(),
+      sched_cpus=len(os.sched_getaffinity(0)),
+      platform=platform.platform(), python=platform.python_version(),
+      jax=jax.__version__, jaxlib=jax.lib.__version__, flax=flax.__version__,
+      torch=torch.__version__, torch_threads=torch.get_num_threads(),
+      torch_interop_threads=torch.get_num_interop_threads(),
+      torch_mkldnn=torch.backends.mkldnn.is_available(),
+      backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      command=shlex.join([os.path.relpath(sys.executable, _REPO)] +
+                         sys.argv),
+      git_head=_git_head(), loadavg_start=list(os.getloadavg()))
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+  return '-' if v is None else f'{v:,.{digits}f}'
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+  """The Markdown summary."""
+  lines = [
+      '| model | task | setting | JAX | PyTorch | JAX/PyTorch |',
+      '|---|---|---|---:|---:|---:|']
+  for r in rows:
+    c, g, p = r['certify'], r['sigma_opt'], r['profile']
+    lines.append(
+        f'| {r["model"]} | certify (samples/s) | {r["num_images"]} images, '
+        f'n0={r["n0"]}, N={r["n"]:,}, batch {r["batch_size"]} | '
+        f'{_fmt(c["jax"]["median_per_s"])} | '
+        f'{_fmt(c["torch"]["median_per_s"])} | '
+        f'**{_fmt(c["ratio_jax_over_torch"], 2)}x** |')
+    lines.append(
+        f'| {r["model"]} | sigma-opt (examples/s) | {r["num_images"]} images, '
+        f'K={r["sigma_steps"]}, m={r["sigma_m"]} | '
+        f'{_fmt(g["jax"]["median_per_s"], 3)} | '
+        f'{_fmt(g["torch"]["median_per_s"], 3)} | '
+        f'**{_fmt(g["ratio_jax_over_torch"], 2)}x** |')
+    lines.append(
+        f'| {r["model"]} | forward (img/s) | batch {r["batch_size"]} | '
+        f'{_fmt(p["jax_forward"]["median_per_s"])} | '
+        f'{_fmt(p["torch_forward"]["median_per_s"])} | '
+        f'{_fmt(p["ratio_forward_jax_over_torch"], 2)}x |')
+    lines.append(
+        f'| {r["model"]} | noise only (img/s) | batch {r["batch_size"]} | '
+        f'{_fmt(p["jax_noise"]["median_per_s"])} | '
+        f'{_fmt(p["torch_noise"]["median_per_s"])} | '
+        f'{_fmt(p["jax_noise"]["median_per_s"] / p["torch_noise"]["median_per_s"], 2)}x |')
+  lines.append('')
+  lines.append('| model | JAX sampler (N draws) samples/s | JAX forward img/s '
+               '| sampler/forward | JAX certify/forward | PyTorch '
+               'certify/forward | JAX computed/requested samples | CPU/wall '
+               'JAX, PyTorch (certify) |')
+  lines.append('|---|---:|---:|---:|---:|---:|---:|---:|')
+  for r in rows:
+    c, p = r['certify'], r['profile']
+    est = c.get('jax_sampler_estimation', {})
+    lines.append(
+        f'| {r["model"]} | {_fmt(est.get("median_per_s"))} | '
+        f'{_fmt(p["jax_forward"]["median_per_s"])} | '
+        f'{_fmt(est.get("over_forward"), 2)} | '
+        f'{_fmt(c["jax_certify_over_forward"], 2)} | '
+        f'{_fmt(c["torch_certify_over_forward"], 2)} | '
+        f'{c["jax_computed_samples"] / c["samples_per_rep"]:.2f} | '
+        f'{c["jax"]["cpu_per_wall"]:.2f}, {c["torch"]["cpu_per_wall"]:.2f} |')
+  lines.append(
+      '\nMedians over repetitions; samples/s counts requested samples '
+      'images x (n0 + N) only. CPU/wall: cores the process got (of '
+      'os.cpu_count()); less means other processes took them.')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  torch.set_num_threads(os.cpu_count())
+  s = _settings()
+  machine = _machine()
+  t0 = time.perf_counter()
+  rows = [_measure(_Case(name, s), s) for name in _MODELS.value]
+  machine['loadavg_end'] = list(os.getloadavg())
+  result = dict(machine=machine, settings=s, quick=_QUICK.value,
+                params='random init (bundle.init(key 0)), same in both',
+                wall_s=time.perf_counter() - t0, rows=rows)
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, 'w') as f:
+      json.dump(result, f, indent=1)
+      f.write('\n')
+    print(f'wrote {_OUT.value} ({result["wall_s"]:.0f} s)')
+  print(_table(rows))
+
+
+if __name__ == '__main__':
+  app.run(main)
