@@ -78,7 +78,7 @@ _NUM_IMAGES = flags.DEFINE_list(
     'num_images', ['small_cnn:4', 'resnet18:2'],
     'Images per model, as MODEL:INT pairs.')
 _CERTIFY_N = flags.DEFINE_list(
-    'certify_n', ['small_cnn:10000', 'resnet18:1000'],
+    'certify_n', ['small_cnn:5000', 'resnet18:1000'],
     'N (estimation draws) per model, as MODEL:INT pairs.')
 _SIGMA_STEPS = flags.DEFINE_list(
     'sigma_steps', ['small_cnn:100', 'resnet18:10'],
@@ -86,7 +86,16 @@ _SIGMA_STEPS = flags.DEFINE_list(
 _SIGMA_M = flags.DEFINE_list(
     'sigma_m', ['small_cnn:16', 'resnet18:8'],
     'Noise draws m per ascent step per model, as MODEL:INT pairs.')
-_REPS = flags.DEFINE_integer('reps', 2, 'Timed repetitions (median taken).')
+_REPS = flags.DEFINE_integer(
+    'reps', 2, 'Timed repetitions of certify and sigma-opt (median taken); '
+    'the forward / noise profile runs once.')
+_BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size', 1000, 'Certification batch, both frameworks (certify_ds.py '
+    'default 1000); a multiple of 100.')
+_TORCH_1THREAD_PROBE = flags.DEFINE_bool(
+    'torch_1thread_probe', True,
+    'Also time the PyTorch sigma ascent once with torch.set_num_threads(1): '
+    'its many small ops are sensitive to how the threads get the cores.')
 _QUICK = flags.DEFINE_bool(
     'quick', False, 'Tiny sizes (a smoke test, about a minute).')
 _OUT = flags.DEFINE_string('out', 'bench/results/compare.json',
@@ -97,10 +106,9 @@ _NUM_CLASSES = 10
 _SIGMA = 0.25
 _N0 = 100
 _ALPHA = 0.001
-_BATCH = 1000  # certify_ds.py's --batch default; dds_jax's batch_size
 _LR = 1e-4
-_QUICK_SETTINGS = dict(num_images=1, certify_n=100, sigma_steps=2, sigma_m=2,
-                       reps=1)
+_QUICK_SETTINGS = dict(num_images=1, certify_n=200, sigma_steps=2, sigma_m=2,
+                       reps=1, batch_size=100)
 
 
 def _per_model(values: list[str], what: str) -> dict[str, int]:
@@ -122,8 +130,11 @@ def _settings() -> dict[str, Any]:
     q = _QUICK_SETTINGS
     per = {k: {m: q[k] for m in _MODELS.value}
            for k in ('num_images', 'certify_n', 'sigma_steps', 'sigma_m')}
-    return dict(per, reps=q['reps'])
-  return dict(num_images=_per_model(_NUM_IMAGES.value, 'num_images'),
+    return dict(per, reps=q['reps'], batch_size=q['batch_size'])
+  if _BATCH_SIZE.value % sampler.DEFAULT_SAMPLES_PER_BLOCK:
+    raise app.UsageError('--batch_size must be a multiple of 100')
+  return dict(batch_size=_BATCH_SIZE.value,
+              num_images=_per_model(_NUM_IMAGES.value, 'num_images'),
               certify_n=_per_model(_CERTIFY_N.value, 'certify_n'),
               sigma_steps=_per_model(_SIGMA_STEPS.value, 'sigma_steps'),
               sigma_m=_per_model(_SIGMA_M.value, 'sigma_m'),
@@ -164,6 +175,7 @@ class _Case:
     self.n = s['certify_n'][name]
     self.steps = s['sigma_steps'][name]
     self.m = s['sigma_m'][name]
+    self.batch = s['batch_size']
     rng = np.random.default_rng(0)
     self.x = rng.uniform(size=(self.b,) + _SHAPE).astype(np.float32)
     self.xt = _nchw(self.x)
@@ -184,7 +196,7 @@ class _Case:
     t0 = time.perf_counter()
     cert = jax_certify(
         self.apply_fn, self.variables, self.x, _SIGMA, self.key, n0=_N0,
-        n=self.n, alpha=_ALPHA, batch_size=_BATCH, progress=progress)
+        n=self.n, alpha=_ALPHA, batch_size=self.batch, progress=progress)
     t1 = time.perf_counter()
     if 'n0_done' in marks:
       self.phase_times.append((marks['n0_done'] - t0, t1 - marks['n0_done']))
@@ -192,17 +204,17 @@ class _Case:
 
   def torch_certify(self):
     smooth = reference_torch.Smooth(self.torch_model, _NUM_CLASSES, _SIGMA)
-    return [smooth.certify(self.xt[i], _N0, self.n, _ALPHA, _BATCH)
+    return [smooth.certify(self.xt[i], _N0, self.n, _ALPHA, self.batch)
             for i in range(self.b)]
 
   def jax_computed_samples(self) -> int:
     """Noisy images the JAX sampler pushes through, padding included."""
     spb = sampler.DEFAULT_SAMPLES_PER_BLOCK
-    per_step = _BATCH // spb
+    per_step = self.batch // spb
     total = 0
     for num in (_N0, self.n):
       blocks = self.b * -(-num // spb)
-      total += -(-blocks // per_step) * _BATCH
+      total += -(-blocks // per_step) * self.batch
     return total
 
   # --- sigma optimization --------------------------------------------------
@@ -222,14 +234,14 @@ class _Case:
 
   def jax_forward(self):
     fwd = jax.jit(self.apply_fn)
-    xb = jnp.asarray(np.resize(self.x, (_BATCH,) + _SHAPE))
+    xb = jnp.asarray(np.resize(self.x, (self.batch,) + _SHAPE))
     jax.block_until_ready(fwd(self.variables, xb))
     return lambda: fwd(self.variables, xb)
 
   def jax_noise(self):
     """One sampler step's noise (10 blocks of 100 copies) alone, jitted."""
     spb = sampler.DEFAULT_SAMPLES_PER_BLOCK
-    p = _BATCH // spb
+    p = self.batch // spb
 
     @jax.jit
     def gen(key, x, sigma, ids, blocks):
@@ -245,7 +257,7 @@ class _Case:
     return lambda: gen(*args)
 
   def torch_forward(self):
-    batch = self.xt[0].repeat((_BATCH, 1, 1, 1))
+    batch = self.xt[0].repeat((self.batch, 1, 1, 1))
 
     def run():
       with torch.no_grad():
@@ -255,7 +267,7 @@ class _Case:
 
   def torch_noise(self):
     def run():
-      batch = self.xt[0].repeat((_BATCH, 1, 1, 1))
+      batch = self.xt[0].repeat((self.batch, 1, 1, 1))
       return (batch + torch.randn_like(batch) * _SIGMA).numpy()
     run()
     return run
@@ -265,9 +277,9 @@ def _measure(case: _Case, s: dict[str, Any]) -> dict[str, Any]:
   """All timings of one model."""
   name = case.name
   load_start = list(os.getloadavg())
-  probe = np.concatenate([case.x, np.clip(
-      case.x + _SIGMA * np.random.default_rng(1).normal(size=(8,) + _SHAPE),
-      0, 1).astype(np.float32)])
+  noisy = case.x[np.arange(8) % case.b] + _SIGMA * np.random.default_rng(
+      1).normal(size=(8,) + _SHAPE)
+  probe = np.concatenate([case.x, np.clip(noisy, 0, 1).astype(np.float32)])
   same = reference_torch.check_same_function(case.bundle, case.variables,
                                              case.torch_model, probe)
   print(f'[{name}] same function: argmax agreement {same["agreement"]:.3f} '
@@ -275,34 +287,45 @@ def _measure(case: _Case, s: dict[str, Any]) -> dict[str, Any]:
         f'{same["max_abs_diff"]:.2e} (scale {same["logit_scale"]:.2f})',
         flush=True)
 
-  # Warm-up: compile every JAX shape, first-call every torch shape.
+  # Warm-up: compile every JAX shape (the sampler's step, the ascent, the
+  # bare forward pass, the noise) and call every torch shape once (the
+  # forward passes at n0 and at the batch size, one ascent step).
   t = time.perf_counter()
   sampler.sample_counts(case.apply_fn, case.variables, case.x[:1], _SIGMA,
-                        case.key, _N0, _NUM_CLASSES, _BATCH)
+                        case.key, _N0, _NUM_CLASSES, case.batch)
   case.jax_sigma()
   jax_fwd, jax_noise = case.jax_forward(), case.jax_noise()
   warm_jax = time.perf_counter() - t
   t = time.perf_counter()
-  reference_torch.Smooth(case.torch_model, _NUM_CLASSES, _SIGMA).certify(
-      case.xt[0], _N0, min(case.n, _BATCH), _ALPHA, _BATCH)
-  case.torch_sigma(steps=1)
+  with torch.no_grad():
+    case.torch_model(case.xt[:1].repeat((min(_N0, case.batch), 1, 1, 1)))
   torch_fwd, torch_noise = case.torch_forward(), case.torch_noise()
+  case.torch_sigma(steps=1)
   warm_torch = time.perf_counter() - t
   print(f'[{name}] warm-up: JAX {warm_jax:.1f} s (compilation), PyTorch '
         f'{warm_torch:.1f} s', flush=True)
 
   t_jc, t_tc, t_js, t_ts = [], [], [], []
-  t_jf, t_tf, t_jn, t_tn = [], [], [], []
+  t_jf, t_tf, t_jn, t_tn, t_ts1 = [], [], [], [], []
   case.phase_times.clear()
   for rep in range(s['reps']):
     jax_cert = _timed(case.jax_certify, t_jc)
     torch_cert = _timed(case.torch_certify, t_tc)
     jax_sig = _timed(case.jax_sigma, t_js)
     torch_sig = _timed(case.torch_sigma, t_ts)
-    _timed(jax_fwd, t_jf)
-    _timed(torch_fwd, t_tf)
-    _timed(jax_noise, t_jn)
-    _timed(torch_noise, t_tn)
+    if rep == 0:  # the profile, once
+      _timed(jax_fwd, t_jf)
+      _timed(torch_fwd, t_tf)
+      _timed(jax_noise, t_jn)
+      _timed(torch_noise, t_tn)
+    if rep == 0 and _TORCH_1THREAD_PROBE.value:
+      threads = torch.get_num_threads()
+      torch.set_num_threads(1)
+      try:
+        case.torch_sigma(steps=1)
+        _timed(case.torch_sigma, t_ts1)
+      finally:
+        torch.set_num_threads(threads)
     print(f'[{name}] rep {rep}: certify JAX {t_jc[-1][0]:.1f} s / PyTorch '
           f'{t_tc[-1][0]:.1f} s; sigma-opt JAX {t_js[-1][0]:.1f} s / '
           f'PyTorch {t_ts[-1][0]:.1f} s', flush=True)
@@ -310,7 +333,7 @@ def _measure(case: _Case, s: dict[str, Any]) -> dict[str, Any]:
   samples = case.b * (_N0 + case.n)
   row = dict(
       model=name, input_shape=list(_SHAPE), num_images=case.b, n0=_N0,
-      n=case.n, alpha=_ALPHA, sigma=_SIGMA, batch_size=_BATCH,
+      n=case.n, alpha=_ALPHA, sigma=_SIGMA, batch_size=case.batch,
       sigma_steps=case.steps, sigma_m=case.m, lr=_LR,
       params=models.count_params(case.variables),
       same_function=same, warmup_s=dict(jax=warm_jax, torch=warm_torch),
@@ -328,10 +351,10 @@ def _measure(case: _Case, s: dict[str, Any]) -> dict[str, Any]:
           jax_sigma=np.asarray(jax_sig).tolist(),
           torch_sigma=np.asarray(torch_sig).tolist()),
       profile=dict(
-          jax_forward=_summary(t_jf, _BATCH),
-          torch_forward=_summary(t_tf, _BATCH),
-          jax_noise=_summary(t_jn, _BATCH),
-          torch_noise=_summary(t_tn, _BATCH)),
+          jax_forward=_summary(t_jf, case.batch),
+          torch_forward=_summary(t_tf, case.batch),
+          jax_noise=_summary(t_jn, case.batch),
+          torch_noise=_summary(t_tn, case.batch)),
       loadavg_start=load_start, loadavg_end=list(os.getloadavg()))
   c, g, p = row['certify'], row['sigma_opt'], row['profile']
   c['ratio_jax_over_torch'] = (c['jax']['median_per_s'] /
@@ -344,6 +367,10 @@ def _measure(case: _Case, s: dict[str, Any]) -> dict[str, Any]:
                                    p['jax_forward']['median_per_s'])
   c['torch_certify_over_forward'] = (c['torch']['median_per_s'] /
                                      p['torch_forward']['median_per_s'])
+  if t_ts1:
+    g['torch_1thread'] = _summary(t_ts1, case.b)
+    g['ratio_jax_over_torch_1thread'] = (
+        g['jax']['median_per_s'] / g['torch_1thread']['median_per_s'])
   if case.phase_times:
     est = statistics.median(t for _, t in case.phase_times)
     c['jax_sampler_estimation'] = dict(
@@ -417,6 +444,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
         f'{_fmt(g["jax"]["median_per_s"], 3)} | '
         f'{_fmt(g["torch"]["median_per_s"], 3)} | '
         f'**{_fmt(g["ratio_jax_over_torch"], 2)}x** |')
+    if 'torch_1thread' in g:
+      lines.append(
+          f'| {r["model"]} | sigma-opt, PyTorch on 1 thread | (same) | '
+          f'{_fmt(g["jax"]["median_per_s"], 3)} | '
+          f'{_fmt(g["torch_1thread"]["median_per_s"], 3)} | '
+          f'{_fmt(g["ratio_jax_over_torch_1thread"], 2)}x |')
     lines.append(
         f'| {r["model"]} | forward (img/s) | batch {r["batch_size"]} | '
         f'{_fmt(p["jax_forward"]["median_per_s"])} | '
