@@ -3,7 +3,7 @@ r"""Throughput of `dds_jax.sampler.sample_counts` against the bare forward pass.
 Usage (from the repository root)::
 
   PYTHONPATH=. python bench/sampler.py [--quick] [--models=small_cnn,resnet18]
-      [--batch_sizes=100,400] [--num_samples=small_cnn:2500,resnet18:400]
+      [--batch_sizes=100,400] [--num_samples=small_cnn:2400,resnet18:400]
       [--out=bench/results/sampler.json]
 
 For every model, input shape and per-device batch size it measures, with
@@ -72,7 +72,7 @@ _BATCH_SIZES = flags.DEFINE_list(
     'Per-device batch sizes (noisy images per forward pass), each a multiple '
     'of --samples_per_block; for all models.')
 _NUM_SAMPLES = flags.DEFINE_list(
-    'num_samples', ['small_cnn:2500', 'resnet18:400'],
+    'num_samples', ['small_cnn:2400', 'resnet18:400'],
     'Draws per example, as one int for all models or MODEL:INT pairs.')
 _NUM_EXAMPLES = flags.DEFINE_integer(
     'num_examples', 2, 'Examples per sample_counts call.')
@@ -127,6 +127,13 @@ def _settings() -> dict[str, Any]:
   for m in _MODELS.value:
     if m not in _CASES:
       raise app.UsageError(f'unknown model {m!r}; known: {sorted(_CASES)}')
+  for b in s['batch_sizes']:
+    for m in _MODELS.value:
+      work = s['num_examples'] * s['num_samples'][m]
+      if work % (2 * b):
+        print(f'note: {m} at batch {b}: {work} samples per call is not a '
+              f'multiple of 2 x {b}, so part of a step is padding (see '
+              'padding_fraction)', flush=True)
   return s
 
 

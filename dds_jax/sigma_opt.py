@@ -291,6 +291,21 @@ def optimize_sigma(apply_fn, params, x, sigma0, key: jax.Array, *,
 EVAL_BLOCK = 1 << 30  # noise block of `evaluate_proxy`, apart from the steps'
 
 
+@functools.lru_cache(maxsize=32)
+def _proxy_fn(apply_fn, num_samples, clip, noise):
+  """Jitted proxy evaluation, compiled once per model and setting."""
+
+  @jax.jit
+  def run(params, key, xs, ss, ids):
+    def one(xi, si, idi):
+      k = noise_lib.block_key(key, noise_lib.Purpose.SIGMA_OPT, idi,
+                              EVAL_BLOCK)
+      eps = _unit_noise(k, (num_samples,) + xi.shape, noise)
+      return radius_proxy(apply_fn, params, xi, si, eps, clip, noise)
+    return jax.lax.map(lambda a: one(*a), (xs, ss, ids))
+  return run
+
+
 def evaluate_proxy(apply_fn, params, x, sigma, key: jax.Array, *,
                    num_samples: int = 256,
                    clip: tuple[float, float] = (0.02, 0.98),
@@ -309,16 +324,9 @@ def evaluate_proxy(apply_fn, params, x, sigma, key: jax.Array, *,
   ids = np.arange(x.shape[0]) if example_ids is None else np.asarray(
       example_ids)
 
-  @jax.jit
-  def run(xs, ss, ids):
-    def one(xi, si, idi):
-      k = noise_lib.block_key(key, noise_lib.Purpose.SIGMA_OPT, idi,
-                              EVAL_BLOCK)
-      eps = _unit_noise(k, (num_samples,) + xi.shape, noise)
-      return radius_proxy(apply_fn, params, xi, si, eps, clip, noise)
-    return jax.lax.map(lambda a: one(*a), (xs, ss, ids))
-
-  return np.asarray(run(x, sigma, (ids % 2**31).astype(np.int32)), np.float64)
+  run = _proxy_fn(apply_fn, num_samples, tuple(float(c) for c in clip), noise)
+  return np.asarray(run(params, key, x, sigma,
+                        (ids % 2**31).astype(np.int32)), np.float64)
 
 
 def content_ids(x) -> np.ndarray:
