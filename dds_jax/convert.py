@@ -237,7 +237,11 @@ def _torch_shape(leaf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _as_numpy(value: Any, key: str) -> np.ndarray:
   if hasattr(value, 'detach'):  # a torch.Tensor, without importing torch
-    value = value.detach().cpu().numpy()
+    value = value.detach().cpu()
+    try:
+      value = value.numpy()
+    except TypeError:  # bfloat16 and other dtypes numpy lacks
+      value = value.float().numpy()
   try:
     return np.asarray(value)
   except Exception as e:  # pylint: disable=broad-except
@@ -434,7 +438,7 @@ def to_torch_state_dict(
     num_batches_tracked: bool = True,
     as_torch: bool = False,
 ) -> dict[str, Any]:
-  """Exports dds_jax variables in the PyTorch layout `load_torch_state_dict` reads.
+  """dds_jax variables in the PyTorch layout `load_torch_state_dict` reads.
 
   Works for every dds_jax ResNet and the small CNN: the PyTorch module with
   the same attribute names (`conv1`, `bn1`, `layer1` as a Sequential of

@@ -1,4 +1,4 @@
-"""Tests for dds_jax.convert: PyTorch checkpoints compute the same function here.
+"""Tests for dds_jax.convert: PyTorch checkpoints compute the same function.
 
 The PyTorch architectures are rebuilt below with the module layout of the
 published code (so the state_dict keys are the same), given random weights

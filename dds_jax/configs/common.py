@@ -12,7 +12,8 @@ import ml_collections
 
 from dds_jax.errors import ConfigError
 
-MODEL_NAMES = ("small_cnn", "resnet18", "resnet50")
+MODEL_NAMES = ("small_cnn", "resnet18", "resnet50", "cifar_resnet110",
+               "cifar_resnet20", "ddrs_resnet18")
 SCHEDULES = ("constant", "step", "cosine")
 SIGMA_OPTIMIZERS = ("ascent", "sgd", "adam")
 METHODS = ("gaussian", "smoothadv", "macer")

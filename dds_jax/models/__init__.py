@@ -41,6 +41,9 @@ from dds_jax.models.normalize import IMAGENET_STD
 from dds_jax.models.resnet import ResNet
 from dds_jax.models.resnet import ResNet18
 from dds_jax.models.resnet import ResNet50
+from dds_jax.models.resnet_cifar import CifarResNet110
+from dds_jax.models.resnet_cifar import CifarResNet20
+from dds_jax.models.resnet_cifar import DdrsResNet18
 
 Variables = Mapping[str, Any]
 ApplyFn = Callable[[Variables, jax.Array], jax.Array]
@@ -49,7 +52,12 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     'small_cnn': SmallCNN,
     'resnet18': ResNet18,
     'resnet50': ResNet50,
+    # Architectures of published smoothing checkpoints (see dds_jax.convert).
+    'cifar_resnet110': CifarResNet110,
+    'cifar_resnet20': CifarResNet20,
+    'ddrs_resnet18': DdrsResNet18,
 }
+_COHEN_STATS = ('cifar_resnet110', 'cifar_resnet20')
 MODEL_NAMES = tuple(sorted(_REGISTRY))
 
 
@@ -233,6 +241,11 @@ def build(
   channels = shape[-1]
   if name == 'resnet50' and channels == 3:
     default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
+  elif name in _COHEN_STATS:
+    if shape != (32, 32, 3):
+      raise errors.ConfigError(f'{name} takes 32x32x3 inputs (its 8x8 average '
+                               f'pool is global only there); got {shape}')
+    default_mean, default_std = CIFAR10_MEAN, COHEN_CIFAR10_STD
   else:
     default_mean, default_std = default_stats(shape)
   mean = normalize_lib.as_stats(default_mean if mean is None else mean, 'mean')
