@@ -385,7 +385,8 @@ def _table(main_rows, dev_rows) -> str:
         f'{_fmt(d.get("sampler_1dev", {}).get("median_per_s"))} | '
         f'{_fmt(d.get("sampler_2dev", {}).get("median_per_s"))} | '
         f'{_fmt(d.get("ratio_2dev_over_1dev"), 2)}'
-        f'{"x (" + _fmt(d["ratio_paired"], 2) + "x)" if d else ""} | {_fmt(r["sampler"]["cpu_per_wall"], 2)} |')
+        f'{"x (" + _fmt(d["ratio_paired"], 2) + "x)" if d else ""} | '
+        f'{_fmt(r["sampler"]["cpu_per_wall"], 2)} |')
   lines.append('\nRatios: of median rates (in brackets: median of per-'
                'repetition ratios, sturdier under drifting load).')
   lines.append('CPU/wall: cores this process got while the 1-device '
