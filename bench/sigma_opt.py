@@ -59,7 +59,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -71,6 +70,7 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench import common as bench_common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -295,23 +295,6 @@ def _measure_devices(c: dict[str, Any], target_steps: int) -> dict[str, Any]:
   return row
 
 
-def _run_child() -> dict[str, Any]:
-  """Runs this script with 2 host devices; returns its JSON."""
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      ' --xla_force_host_platform_device_count=2').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = os.pathsep.join(
-      [_REPO] + [p for p in [env.get('PYTHONPATH')] if p])
-  with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, 'child.json')
-    argv = [sys.executable, os.path.abspath(__file__), f'--child_out={out}']
-    argv += [a for a in sys.argv[1:] if not a.startswith('--out')]
-    subprocess.run(argv, env=env, check=True)
-    with open(out) as f:
-      return json.load(f)
-
-
 def _machine() -> dict[str, Any]:
   cpu = None
   try:
@@ -415,7 +398,7 @@ def main(argv):
   machine = _machine()
   t0 = time.perf_counter()
   main_rows = _measure_main(cases, target)
-  child = None if _SKIP_DEVICES.value else _run_child()
+  child = None if _SKIP_DEVICES.value else bench_common.run_child(__file__)
   machine['loadavg_end'] = _loadavg()
   shas = dict(main=_SIGMA_OPT_SHA, on_disk_at_end=_source_sha())
   if child:
