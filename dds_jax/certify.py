@@ -76,19 +76,16 @@ def certify(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
   n0 = sampler.check_count(n0, "n0")
   n = sampler.check_count(n, "n")
   alpha = check_alpha(alpha)
-  x = sampler.check_images(x)
+  x = sampler.check_images(x, allow_empty=jax.process_count() > 1)
   sigma = sampler.check_sigma(sigma, x.shape[0])
-  total = x.shape[0] * (n0 + n)
-  common = dict(num_classes=num_classes, batch_size=batch_size,
-                example_ids=example_ids, samples_per_block=samples_per_block,
-                noise=noise, mesh=mesh)
-  counts0 = sampler.sample_counts(
-      apply_fn, params, x, sigma, key, n0, purpose=noise_lib.Purpose.SELECT,
-      progress=progress and (lambda d, t: progress(d, total)), **common)
-  counts = sampler.sample_counts(
-      apply_fn, params, x, sigma, key, n, purpose=noise_lib.Purpose.ESTIMATE,
-      progress=progress and (lambda d, t: progress(x.shape[0] * n0 + d,
-                                                   total)), **common)
+  # Selection (n0) and estimation (n) draws are independent noise streams;
+  # one sampler pass packs both into the same device batches.
+  counts0, counts = sampler.sample_streams(
+      apply_fn, params, x, sigma, key,
+      ((noise_lib.Purpose.SELECT, n0), (noise_lib.Purpose.ESTIMATE, n)),
+      num_classes, batch_size, example_ids=example_ids,
+      samples_per_block=samples_per_block, noise=noise, mesh=mesh,
+      progress=progress)
   pred, radius, p_lower = stats.certificate_from_counts(counts0, counts, sigma,
                                                         alpha, noise)
   return Certificate(pred=pred, radius=radius, p_lower=p_lower,

@@ -32,8 +32,19 @@ from dds_jax.errors import CheckpointError
 CKPT_DIR = "checkpoints"
 
 
-def _abstract(tree):
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+def _abstract(tree, sharding=None):
+  """Shapes, dtypes and shardings to restore into.
+
+  sharding: put every array there (e.g. replicated over the current mesh), so
+  a checkpoint written on other devices or hosts restores here; default: the
+  template's own sharding where it has one.
+  """
+  def one(leaf):
+    out = ocp.utils.to_shape_dtype_struct(leaf)
+    if sharding is not None:
+      out = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
+    return out
+  return jax.tree.map(one, tree)
 
 
 class Checkpointer:
@@ -81,13 +92,16 @@ class Checkpointer:
 
   def restore(self, params_like, opt_state_like=None,
               step: Optional[int] = None,
-              sigma_table_like=None) -> dict[str, Any]:
+              sigma_table_like=None, sharding=None) -> dict[str, Any]:
     """Restores `params` (and `opt_state` when a template is given) and `meta`.
 
     Args:
       params_like: a pytree with the expected structure, shapes and dtypes.
       opt_state_like: same for the optimizer state, or None to skip it.
       step: which step (default: the latest).
+      sigma_table_like: template of the sigma table, or None to skip it.
+      sharding: where to put every restored array (default: the templates'
+        shardings).
 
     Returns:
       dict with 'params', 'meta', 'step' and, if asked, 'opt_state'.
@@ -98,7 +112,8 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint steps in {self.directory}")
-    items = dict(params=ocp.args.StandardRestore(_abstract(params_like)),
+    items = dict(params=ocp.args.StandardRestore(_abstract(params_like,
+                                                           sharding)),
                  meta=ocp.args.JsonRestore())
     if sigma_table_like is not None:
       meta = self.read_meta(step)
@@ -109,10 +124,11 @@ class Checkpointer:
             f"training set has {len(sigma_table_like)} examples: another "
             f"dataset or split? ({self.directory})")
       items["sigma_table"] = ocp.args.StandardRestore(
-          _abstract({"sigma": sigma_table_like}))
+          _abstract({"sigma": sigma_table_like}, sharding))
     want_opt = opt_state_like is not None and jax.tree.leaves(opt_state_like)
     if want_opt:
-      items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
+      items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like,
+                                                              sharding))
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except

@@ -41,6 +41,7 @@ import optax
 
 from dds_jax import analysis
 from dds_jax import data as data_lib
+from dds_jax import distributed
 from dds_jax import memory as memory_lib
 from dds_jax import models
 from dds_jax import progress as progress_lib
@@ -128,6 +129,37 @@ def _resume_state(config, out_dir: str, ds, store) -> dict[str, Any]:
   return out
 
 
+INT_COLUMNS = ("idx", "label", "predict", "correct", "predict_mem", "changed",
+               "nonfinite_steps")
+
+
+def _shared_resume_state(config, out_dir, ds, store, names, sigma_names):
+  """`_resume_state` read by process 0, the same on every process."""
+  state = None
+  if distributed.is_main():
+    state = _resume_state(config, out_dir, ds, store)
+  if distributed.process_count() == 1:
+    return state
+
+  def columns(table, keys, n):
+    return {k: np.asarray(table[k][:n] if table is not None else
+                          np.zeros(n), np.int64 if k in INT_COLUMNS
+                          else np.float64) for k in keys}
+
+  head = np.zeros(2, np.int64)
+  if state is not None:
+    head[:] = (state["done"], state["sigma_rows"] is not None)
+  done, has_sigma = (int(v) for v in distributed.broadcast(head))
+  rows = distributed.broadcast(columns(state and state["rows"], names, done))
+  sigma_rows = distributed.broadcast(columns(
+      state and state["sigma_rows"], sigma_names, done)) if has_sigma else None
+  if state is None:  # another process: the memory is process 0's business
+    state = {"pending_memory": {n: np.zeros(0) for n in
+                                ("pred", "radius", "raw_pred", "changed")}}
+  return dict(state, done=done, rows=rows if done else None,
+              sigma_rows=sigma_rows)
+
+
 def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
                     out_dir: Optional[str] = None, params=None,
                     bundle=None) -> dict[str, Any]:
@@ -159,8 +191,10 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sampler.make_mesh(config.mesh.num_devices or None)
   key = jax.random.key(config.seed)
   sigma0 = float(config.noise.sigma)
-  store = None
-  if mc.enabled:
+  params = distributed.replicate(params, mesh)
+  main = distributed.is_main()
+  store = None  # the memory lives on process 0 alone
+  if mc.enabled and main:
     store = memory_lib.MemoryStore(
         mc.path or os.path.join(out_dir, MEMORY),
         input_shape=ds.image_shape, dataset=f"{ds.name}:{ds.split}",
@@ -170,77 +204,81 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
       print(f"memory store {store.path} holds {len(store)} certificates from "
             "earlier queries; new ones are checked against them", flush=True)
 
-  names = COLUMNS + (MEMORY_COLUMNS if store is not None else ())
+  names = COLUMNS + (MEMORY_COLUMNS if mc.enabled else ())
   rows = {name: [] for name in names}
   sigma_rows = {"idx": [], "sigma0": [], "sigma": [], "nonfinite_steps": []}
-  state = _resume_state(config, out_dir, ds, store)
+  state = _shared_resume_state(config, out_dir, ds, store, names,
+                               tuple(sigma_rows))
   done = state["done"]
   if done:
     rows = {n: state["rows"][n].tolist() for n in names}
     if state["sigma_rows"] is not None:
       sigma_rows = {n: state["sigma_rows"][n].tolist()[:done]
                     for n in sigma_rows}
-    print(f"resuming certification at example {done} of {len(ds)} "
-          f"({os.path.join(out_dir, TSV)})", flush=True)
+    if main:
+      print(f"resuming certification at example {done} of {len(ds)} "
+            f"({os.path.join(out_dir, TSV)})", flush=True)
   pending_memory = state["pending_memory"]  # committed before a crash
-  bar = progress_lib.Progress(len(ds), "certify", unit="examples")
+  bar = progress_lib.Progress(len(ds), "certify", unit="examples",
+                              enabled=main)
   bar.resume_from(done)
   start = time.time()
   sigma_time = 0.0
   for lo in range(done, len(ds), cc.examples_per_call):
     part = ds.take(np.arange(lo, min(lo + cc.examples_per_call, len(ds))))
+    # This process's slice of the call; results are gathered in global order.
+    mine = part.take(np.arange(len(part))[distributed.split(len(part))])
     t0 = time.time()
-    sigma = np.full(len(part), sigma0)
+    sigma = np.full(len(mine), sigma0)
     if so.enabled and so.sigma_file:
-      sigma = _read_sigma_file(so.sigma_file, part.example_ids)
+      sigma = _read_sigma_file(so.sigma_file, mine.example_ids)
     elif so.enabled:
       sigma, info = sigma_opt_lib.optimize_sigma(
-          bundle.apply_fn, params, part.images, sigma0, key, steps=so.steps,
+          bundle.apply_fn, params, mine.images, sigma0, key, steps=so.steps,
           lr=so.lr, num_samples=so.num_samples, clip=tuple(so.clip),
           sigma_min=so.sigma_min, noise=config.noise.kind,
-          optimizer=_optax_optimizer(so), example_ids=part.example_ids,
+          optimizer=_optax_optimizer(so), example_ids=mine.example_ids,
           examples_per_device=so.examples_per_device, mesh=mesh,
           return_info=True)
-      sigma_rows["nonfinite_steps"] += info.nonfinite_steps.tolist()
+      sigma_rows["nonfinite_steps"] += distributed.gather_rows(
+          info.nonfinite_steps).tolist()
       sigma_rows["idx"] += part.example_ids.tolist()
       sigma_rows["sigma0"] += [sigma0] * len(part)
-      sigma_rows["sigma"] += sigma.tolist()
-      analysis.write_tsv(os.path.join(out_dir, SIGMA_TSV), sigma_rows,
-                         float_format=None)
+      sigma_rows["sigma"] += distributed.gather_rows(sigma).tolist()
+      if main:
+        analysis.write_tsv(os.path.join(out_dir, SIGMA_TSV), sigma_rows,
+                           float_format=None)
     sigma_time += time.time() - t0
-    cert = certify(
-        bundle.apply_fn, params, part.images, sigma, key, n0=cc.n0, n=cc.n,
+    local = certify(
+        bundle.apply_fn, params, mine.images, sigma, key, n0=cc.n0, n=cc.n,
         alpha=cc.alpha, batch_size=cc.batch_size,
-        num_classes=config.model.num_classes, example_ids=part.example_ids,
+        num_classes=config.model.num_classes, example_ids=mine.example_ids,
         samples_per_block=cc.samples_per_block, noise=config.noise.kind,
         mesh=mesh)
-    if store is not None:
-      # Certificates a killed run committed but did not write to the TSV are
-      # in the store already: take them from there instead of inserting twice.
-      k = min(len(pending_memory["pred"]), len(part))
-      if k:
-        assert np.array_equal(pending_memory["raw_pred"][:k], cert.pred[:k])
-        rows["predict_mem"] += pending_memory["pred"][:k].tolist()
-        rows["radius_mem"] += pending_memory["radius"][:k].tolist()
-        rows["changed"] += pending_memory["changed"][:k].astype(int).tolist()
-        pending_memory = {n: v[k:] for n, v in pending_memory.items()}
-      if k < len(part):
-        mem = store.insert_many(part.images[k:], cert.pred[k:],
-                                cert.radius[k:],
-                                example_ids=part.example_ids[k:].tolist())
-        rows["predict_mem"] += mem.preds.tolist()
-        rows["radius_mem"] += mem.radii.tolist()
-        rows["changed"] += mem.changed.astype(int).tolist()
+    cert = {name: distributed.gather_rows(getattr(local, name))
+            for name in ("pred", "radius", "p_lower", "sigma")}
+    if mc.enabled:
+      mem = {"preds": np.zeros(len(part), np.int64),
+             "radii": np.zeros(len(part), np.float64),
+             "changed": np.zeros(len(part), np.int64)}
+      if store is not None:
+        mem, pending_memory = _memory_rule(store, part, cert, pending_memory)
+      # The rule ran on process 0, in global query order; all hosts agree.
+      mem = distributed.broadcast(mem)
+      rows["predict_mem"] += mem["preds"].tolist()
+      rows["radius_mem"] += mem["radii"].tolist()
+      rows["changed"] += mem["changed"].tolist()
     per_example = (time.time() - t0) / len(part)
     rows["idx"] += part.example_ids.tolist()
     rows["label"] += part.labels.tolist()
-    rows["predict"] += cert.pred.tolist()
-    rows["radius"] += cert.radius.tolist()
-    rows["correct"] += (cert.pred == part.labels).astype(int).tolist()
+    rows["predict"] += cert["pred"].tolist()
+    rows["radius"] += cert["radius"].tolist()
+    rows["correct"] += (cert["pred"] == part.labels).astype(int).tolist()
     rows["time"] += [per_example] * len(part)
-    rows["sigma"] += cert.sigma.tolist()
-    rows["p_lower"] += cert.p_lower.tolist()
-    analysis.write_tsv(os.path.join(out_dir, TSV), rows)
+    rows["sigma"] += cert["sigma"].tolist()
+    rows["p_lower"] += cert["p_lower"].tolist()
+    if main:
+      analysis.write_tsv(os.path.join(out_dir, TSV), rows)
     bar.update(lo + len(part))
   wall = time.time() - start
 
@@ -258,23 +296,54 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
                                                       1e-9)})
   curves = {"fixed sigma" if not so.enabled else "data-dependent sigma":
             (np.asarray(rows["radius"]), np.asarray(rows["correct"]))}
-  if store is not None:
+  if mc.enabled:
     mem_summary = analysis.summarize(rows, cc.radii, radius_key="radius_mem",
                                      predict_key="predict_mem")
-    mem_summary.update(store.summary(cc.alpha))
+    if store is not None:
+      mem_summary.update(store.summary(cc.alpha))
+      mem_summary["invariant_holds"] = bool(store.check_invariant())
+      store.close()
     mem_summary["num_changed_this_run"] = int(np.sum(rows["changed"]))
-    mem_summary["invariant_holds"] = bool(store.check_invariant())
     summary["memory"] = mem_summary
     curves["data-dependent sigma + memory"] = analysis.radius_and_correct(
         rows, radius_key="radius_mem", predict_key="predict_mem")
-    store.close()
   summary["provenance"] = provenance.collect(config)
-  analysis.write_text(os.path.join(out_dir, SUMMARY),
-                      json.dumps(summary, indent=2) + "\n")
-  analysis.plot_certified_accuracy(
-      curves, os.path.join(out_dir, PLOT),
-      title=f"{ds.name} ({len(ds)} test images), N={cc.n}, alpha={cc.alpha}")
+  if main:
+    analysis.write_text(os.path.join(out_dir, SUMMARY),
+                        json.dumps(summary, indent=2) + "\n")
+    analysis.plot_certified_accuracy(
+        curves, os.path.join(out_dir, PLOT),
+        title=f"{ds.name} ({len(ds)} test images), N={cc.n}, alpha={cc.alpha}")
+  distributed.barrier("certify_dataset done")
   return summary
+
+
+def _memory_rule(store, part, cert, pending):
+  """The memory rule on one call's certificates, in query order (process 0).
+
+  Certificates a killed run committed but did not write to the TSV are in the
+  store already: they are taken from there instead of being inserted twice.
+
+  Returns:
+    ({preds, radii, changed} of the call, what is still pending).
+  """
+  k = min(len(pending["pred"]), len(part))
+  if k:
+    assert np.array_equal(pending["raw_pred"][:k], cert["pred"][:k])
+  mem = {"preds": pending["pred"][:k].astype(np.int64),
+         "radii": pending["radius"][:k].astype(np.float64),
+         "changed": pending["changed"][:k].astype(np.int64)}
+  pending = {n: v[k:] for n, v in pending.items()}
+  if k < len(part):
+    new = store.insert_many(part.images[k:], cert["pred"][k:],
+                            cert["radius"][k:],
+                            example_ids=part.example_ids[k:].tolist())
+    mem = {"preds": np.concatenate([mem["preds"], new.preds]).astype(np.int64),
+           "radii": np.concatenate([mem["radii"], new.radii]).astype(
+               np.float64),
+           "changed": np.concatenate([mem["changed"], new.changed]).astype(
+               np.int64)}
+  return mem, pending
 
 
 def compare_fixed_and_ds(config: ml_collections.ConfigDict,
@@ -301,16 +370,19 @@ def compare_fixed_and_ds(config: ml_collections.ConfigDict,
   ds = certify_dataset(ds_cfg, workdir, out_dir=os.path.join(workdir, "ds"),
                        params=params, bundle=bundle)
   summaries = {"fixed sigma": fixed, "data-dependent sigma": ds}
+  if "memory" in ds:
+    summaries["data-dependent sigma + memory"] = ds["memory"]
+  table = analysis.format_table(summaries)
+  if not distributed.is_main():  # process 0 writes the comparison
+    return summaries, table
   curves = {
       "fixed sigma": analysis.read_tsv(os.path.join(workdir, "fixed", TSV)),
       "data-dependent sigma": analysis.read_tsv(os.path.join(workdir, "ds",
                                                              TSV))}
   if "memory" in ds:
-    summaries["data-dependent sigma + memory"] = ds["memory"]
     curves["data-dependent sigma + memory"] = analysis.radius_and_correct(
         curves["data-dependent sigma"], radius_key="radius_mem",
         predict_key="predict_mem")
-  table = analysis.format_table(summaries)
   notes = [f"sigma0 = {config.noise.sigma:g}; data-dependent sigma: mean "
            f"{ds['sigma_stats']['mean']:.4f}, min {ds['sigma_stats']['min']:.4f}"
            f", max {ds['sigma_stats']['max']:.4f}"]

@@ -21,11 +21,14 @@ class Progress:
     unit: name of one unit of work.
     every_s: at most one line per this many seconds (the last one always).
     write: where lines go (default: stderr).
+    enabled: False to stay quiet (e.g. on every process but the first).
   """
 
   def __init__(self, total: int, desc: str, unit: str = "it",
                every_s: float = 10.0,
-               write: Optional[Callable[[str], None]] = None):
+               write: Optional[Callable[[str], None]] = None,
+               enabled: bool = True):
+    self.enabled = enabled
     self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
     self._write = write or (lambda s: print(s, file=sys.stderr, flush=True))
     self.start = time.time()
@@ -49,6 +52,8 @@ class Progress:
   def update(self, done: int, force: bool = False) -> None:
     self.done = done
     now = time.time()
+    if not self.enabled:
+      return
     if force or done >= self.total or now - self._last >= self.every_s:
       self._last = now
       self._write(self.line())

@@ -16,7 +16,10 @@ different devices. Counts per block are summed on the host. So:
     on one or several devices).
 
 The per-device program is written with `jax.shard_map` over the `data` axis of
-a mesh from `make_mesh`.
+a mesh from `make_mesh`. `sample_streams` samples several noise streams (e.g.
+CERTIFY's selection and estimation draws) in one pass. On several hosts each
+process brings its own examples; their blocks fill the global device batches
+(`dds_jax.distributed`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from dds_jax import distributed
 from dds_jax import noise as noise_lib
 from dds_jax.errors import InputError
 
@@ -46,19 +50,34 @@ def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
 
   Auto axis types: make_mesh's default Explicit axes break a vmapped
   `norm.ppf`, and we shard by hand with shard_map where it matters anyway.
+  With several processes (`dds_jax.distributed`) the mesh spans every device
+  of every process, ordered by process, so each process's devices hold a
+  contiguous range of rows.
   """
   devices = jax.devices()
   num_devices = num_devices or len(devices)
   if not 1 <= num_devices <= len(devices):
     raise InputError(f"num_devices={num_devices}, but {len(devices)} "
                      f"device(s) are available")
+  if jax.process_count() > 1:
+    if num_devices != len(devices):
+      raise InputError(f"num_devices={num_devices}: a multi-host mesh spans "
+                       f"all {len(devices)} devices of the "
+                       f"{jax.process_count()} processes (use 0)")
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return jax.sharding.Mesh(np.array(devices), (DATA_AXIS,),
+                             axis_types=(AxisType.Auto,))
   return jax.make_mesh((num_devices,), (DATA_AXIS,),
                        axis_types=(AxisType.Auto,),
                        devices=devices[:num_devices])
 
 
-def check_images(x, name: str = "x") -> np.ndarray:
-  """Validates a batch of images: float NHWC, finite, in [0, 1]."""
+def check_images(x, name: str = "x", allow_empty: bool = False) -> np.ndarray:
+  """Validates a batch of images: float NHWC, finite, in [0, 1].
+
+  allow_empty: accept zero images (a process with no examples of its own in
+  a multi-host call).
+  """
   x = np.asarray(x)
   if x.ndim != 4:
     raise InputError(f"{name} must be a batch of images [B, H, W, C]; got "
@@ -67,6 +86,8 @@ def check_images(x, name: str = "x") -> np.ndarray:
     raise InputError(f"{name} must hold floats in [0, 1]; got dtype {x.dtype} "
                      "(divide uint8 images by 255)")
   if x.shape[0] == 0:
+    if allow_empty:
+      return x.astype(np.float32, copy=False)
     raise InputError(f"{name} is empty")
   if not np.all(np.isfinite(x)):
     raise InputError(f"{name} contains NaN or infinite pixels")
@@ -124,11 +145,11 @@ def _count_step(apply_fn: ApplyFn, mesh, samples_per_block: int,
   """The jitted step: counts of `blocks_per_device` blocks on every device."""
   s, p = samples_per_block, blocks_per_device
 
-  def local(params, key, purpose, x, sigma, ids, blocks, valid):
-    def noisy(xi, si, idi, bi):
-      k = noise_lib.block_key(key, purpose, idi, bi)
+  def local(params, key, x, sigma, purpose, ids, blocks, valid):
+    def noisy(xi, si, pi, idi, bi):
+      k = noise_lib.block_key(key, pi, idi, bi)
       return xi[None] + noise_lib.draw(k, (s,) + image_shape, si, kind)
-    xs = jax.vmap(noisy)(x, sigma, ids, blocks)          # [p, s, H, W, C]
+    xs = jax.vmap(noisy)(x, sigma, purpose, ids, blocks)  # [p, s, H, W, C]
     logits = apply_fn(params, xs.reshape((p * s,) + image_shape))
     pred = jnp.argmax(logits, axis=-1).reshape(p, s)
     hit = jax.nn.one_hot(pred, num_classes, dtype=jnp.int32)
@@ -137,7 +158,7 @@ def _count_step(apply_fn: ApplyFn, mesh, samples_per_block: int,
 
   data = P(DATA_AXIS)
   step = jax.shard_map(local, mesh=mesh,
-                       in_specs=(P(), P(), P(), data, data, data, data, data),
+                       in_specs=(P(), P(), data, data, data, data, data, data),
                        out_specs=data, check_vma=False)
   return jax.jit(step)
 
@@ -171,16 +192,54 @@ def sample_counts(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
     purpose: which noise stream (`dds_jax.noise.Purpose`).
     samples_per_block: noisy copies per block; part of the noise's identity.
     noise: 'gaussian' (L2) or 'uniform' (L1).
-    mesh: a mesh with a `data` axis (default: all local devices).
+    mesh: a mesh with a `data` axis (default: all devices).
     progress: called as progress(samples_done, samples_total).
+
+  Multi-host (`dds_jax.distributed`): every process calls this with its own
+  examples (any number, also none); the blocks of all processes fill the
+  global device batches and each process gets its own examples' counts.
 
   Returns:
     int64 counts [B, K]; each row sums to num_samples.
   """
-  x = check_images(x)
+  return sample_streams(apply_fn, params, x, sigma, key,
+                        ((purpose, num_samples),), num_classes, batch_size,
+                        example_ids=example_ids,
+                        samples_per_block=samples_per_block, noise=noise,
+                        mesh=mesh, progress=progress)[0]
+
+
+def sample_streams(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
+                   streams, num_classes: Optional[int] = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE, *,
+                   example_ids=None,
+                   samples_per_block: int = DEFAULT_SAMPLES_PER_BLOCK,
+                   noise: str = "gaussian",
+                   mesh: Optional[jax.sharding.Mesh] = None,
+                   progress: Optional[Callable[[int, int], None]] = None,
+                   ) -> list[np.ndarray]:
+  """`sample_counts` of several noise streams in one pass over the devices.
+
+  CERTIFY needs n0 selection draws and n estimation draws: sampling both in
+  one call packs their blocks into the same device batches, so a small n0
+  does not cost a padded forward pass of its own. Counts are identical to
+  separate `sample_counts` calls (the noise of a block depends on its purpose,
+  not on what shares its batch).
+
+  Args:
+    streams: ((purpose, num_samples), ...).
+    Others: see `sample_counts`.
+
+  Returns:
+    One int64 [B, K] count array per stream.
+  """
+  multi = jax.process_count() > 1
+  x = check_images(x, allow_empty=multi)
   b = x.shape[0]
   sigma = check_sigma(sigma, b)
-  num_samples = check_count(num_samples, "num_samples")
+  streams = tuple((int(p), check_count(m, "num_samples")) for p, m in streams)
+  if not streams:
+    raise InputError("streams is empty")
   samples_per_block = check_count(samples_per_block, "samples_per_block")
   batch_size = check_count(batch_size, "batch_size")
   if batch_size % samples_per_block:
@@ -196,66 +255,85 @@ def sample_counts(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
   if example_ids is None:
     example_ids = np.arange(b)
   example_ids = np.asarray(example_ids)
-  if example_ids.shape != (b,) or not np.issubdtype(example_ids.dtype,
-                                                    np.integer):
+  if example_ids.shape != (b,) or not (b == 0 or np.issubdtype(
+      example_ids.dtype, np.integer)):
     raise InputError(f"example_ids must be {b} integers; got "
                      f"{example_ids.dtype} {example_ids.shape}")
-  return _sample_counts(apply_fn, params, x, sigma, key, num_samples, inferred,
-                        batch_size, example_ids, int(purpose),
-                        samples_per_block, noise, mesh or make_mesh(),
-                        progress)
+  return _sample_streams(apply_fn, params, x, sigma, key, streams, inferred,
+                         batch_size, example_ids.astype(np.int64),
+                         samples_per_block, noise, mesh or make_mesh(),
+                         progress)
 
 
-def _sample_counts(apply_fn, params, x, sigma, key, num_samples, num_classes,
-                   batch_size, example_ids, purpose, samples_per_block, noise,
-                   mesh, progress):
-  """`sample_counts` on checked inputs."""
+def _work_items(b: int, streams, s: int) -> dict[str, np.ndarray]:
+  """Blocks to sample, example-major: example, stream, purpose, block, valid."""
+  cols = {n: [] for n in ("example", "stream", "purpose", "block", "valid")}
+  for j, (purpose, num_samples) in enumerate(streams):
+    nblocks = math.ceil(num_samples / s)
+    block = np.tile(np.arange(nblocks), b)
+    cols["example"].append(np.repeat(np.arange(b), nblocks))
+    cols["stream"].append(np.full(b * nblocks, j))
+    cols["purpose"].append(np.full(b * nblocks, purpose))
+    cols["block"].append(block)
+    cols["valid"].append(np.minimum(s, num_samples - block * s))
+  cols = {n: np.concatenate(v).astype(np.int64) for n, v in cols.items()}
+  order = np.lexsort((cols["block"], cols["stream"], cols["example"]))
+  return {n: v[order] for n, v in cols.items()}
+
+
+def _sample_streams(apply_fn, params, x, sigma, key, streams, num_classes,
+                    batch_size, example_ids, samples_per_block, noise, mesh,
+                    progress):
+  """`sample_streams` on checked inputs."""
   b = x.shape[0]
   s = samples_per_block
-  ndev = mesh.shape[DATA_AXIS]
   per_device = batch_size // s
-  per_step = per_device * ndev
+  per_step = per_device * mesh.shape[DATA_AXIS]           # global
+  per_step_here = per_device * len(distributed.local_devices(mesh))
   step = _count_step(apply_fn, mesh, s, per_device, num_classes, noise,
                      tuple(x.shape[1:]))
 
-  # Work items: (example, block), example-major.
-  nblocks = math.ceil(num_samples / s)
-  item_example = np.repeat(np.arange(b), nblocks)
-  item_block = np.tile(np.arange(nblocks), b)
-  item_valid = np.minimum(s, num_samples - item_block * s)
-  total = item_example.size
-  nsteps = math.ceil(total / per_step)
-  pad = nsteps * per_step - total
-  item_example = np.concatenate([item_example, np.zeros(pad, np.int64)])
-  item_block = np.concatenate([item_block, np.zeros(pad, np.int64)])
-  item_valid = np.concatenate([item_valid, np.zeros(pad, np.int64)])
+  items = _work_items(b, streams, s)
+  total = items["example"].size
+  # Every process runs the same number of steps; short ones pad with blocks of
+  # zero valid samples (the mask), which count nothing.
+  nsteps = distributed.max_over_processes(math.ceil(total / per_step_here))
+  pad = nsteps * per_step_here - total
+  items = {n: np.concatenate([v, np.zeros(pad, np.int64)])
+           for n, v in items.items()}
 
   sharding = NamedSharding(mesh, P(DATA_AXIS))
-  replicated = NamedSharding(mesh, P())
-  key = jax.device_put(key, replicated)
-  purpose = jax.device_put(jnp.int32(purpose), replicated)
-  ids32 = example_ids.astype(np.int64) % (2**31)  # fold_in takes 32 bits
+  params, key = distributed.replicate((params, key), mesh)
+  ids32 = example_ids % (2**31)  # fold_in takes 32 bits
+  if b == 0:  # nothing of our own: feed masked blocks of a blank image
+    x = np.zeros((1,) + x.shape[1:], np.float32)
+    sigma, ids32 = np.ones(1, np.float32), np.zeros(1, np.int64)
 
-  done = np.cumsum(item_valid)
-  counts = np.zeros((b, num_classes), np.int64)
+  done = np.cumsum(items["valid"])
+  grand_total = b * sum(m for _, m in streams)
+  counts = [np.zeros((b, num_classes), np.int64) for _ in streams]
   pending = collections.deque()
 
   def collect():
     sl, out = pending.popleft()
-    out = np.asarray(out)
+    out = distributed.host_rows(out)
     real = min(sl.stop, total) - sl.start
     if real > 0:
-      np.add.at(counts, item_example[sl][:real], out[:real])
-    if progress is not None:
-      progress(int(done[sl.stop - 1]), b * num_samples)
+      ex, st = items["example"][sl][:real], items["stream"][sl][:real]
+      for j in range(len(streams)):
+        sel = st == j
+        np.add.at(counts[j], ex[sel], out[:real][sel])
+    if progress is not None and total:
+      progress(int(done[min(sl.stop, total) - 1]), grand_total)
 
   for i in range(nsteps):
-    sl = slice(i * per_step, (i + 1) * per_step)
-    ex = item_example[sl]
-    args = [x[ex], sigma[ex], ids32[ex].astype(np.int32),
-            item_block[sl].astype(np.int32), item_valid[sl].astype(np.int32)]
-    args = [jax.device_put(a, sharding) for a in args]
-    pending.append((sl, step(params, key, purpose, *args)))
+    sl = slice(i * per_step_here, (i + 1) * per_step_here)
+    ex = items["example"][sl]
+    args = [x[ex], sigma[ex], items["purpose"][sl].astype(np.int32),
+            ids32[ex].astype(np.int32), items["block"][sl].astype(np.int32),
+            items["valid"][sl].astype(np.int32)]
+    args = [distributed.to_global(a, sharding, per_step) for a in args]
+    pending.append((sl, step(params, key, *args)))
     if len(pending) > 4:  # keep a few steps in flight, bounded memory
       collect()
   while pending:

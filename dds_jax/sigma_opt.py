@@ -41,6 +41,7 @@ from absl import logging
 from jax.scipy.stats import norm as jnorm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dds_jax import distributed
 from dds_jax import noise as noise_lib
 from dds_jax import sampler
 from dds_jax.errors import InputError
@@ -223,13 +224,16 @@ def optimize_sigma(apply_fn, params, x, sigma0, key: jax.Array, *,
     example_ids: [B] ids keying the noise (default arange(B)).
     examples_per_device: examples per device per call (fixes the compiled
       shape; the forward batch is examples_per_device * num_samples).
-    mesh: a mesh with a `data` axis (default: all local devices).
+    mesh: a mesh with a `data` axis (default: all devices).
     return_info: also return a `SigmaInfo` with the trajectory.
+
+  Multi-host: every process passes its own examples (any number, also none)
+  and gets their sigmas; the calls of all processes run together.
 
   Returns:
     float64 [B] sigma, or (sigma, SigmaInfo) when return_info.
   """
-  x = sampler.check_images(x)
+  x = sampler.check_images(x, allow_empty=jax.process_count() > 1)
   b = x.shape[0]
   sigma0 = sampler.check_sigma(sigma0, b)
   steps = int(steps)
@@ -257,23 +261,31 @@ def optimize_sigma(apply_fn, params, x, sigma0, key: jax.Array, *,
   if example_ids.shape != (b,):
     raise InputError(f"example_ids must have shape [{b}]")
   mesh = mesh or sampler.make_mesh()
-  ndev = mesh.shape[sampler.DATA_AXIS]
-  chunk = examples_per_device * ndev
+  # Each process brings its own examples (see dds_jax.distributed); the
+  # global call holds examples_per_device of them per device.
+  chunk = examples_per_device * len(distributed.local_devices(mesh))
+  global_chunk = examples_per_device * mesh.shape[sampler.DATA_AXIS]
   fn = _ascent_fn(apply_fn, mesh, steps, num_samples, (lo, hi), noise,
                   optimizer)
   sharding = NamedSharding(mesh, P(sampler.DATA_AXIS))
-  key = jax.device_put(key, NamedSharding(mesh, P()))
+  params, key = distributed.replicate((params, key), mesh)
+  if b == 0:  # no examples of our own: run padding with a blank image
+    x, sigma0 = np.zeros((1,) + x.shape[1:], np.float32), np.ones(1, np.float32)
+    example_ids = np.zeros(1, np.int64)
+  ncalls = distributed.max_over_processes(math.ceil(b / chunk))
 
   outs = []
-  for start in range(0, b, chunk):
+  for start in range(0, ncalls * chunk, chunk):
     idx = np.arange(start, min(start + chunk, b))
-    pad = chunk - idx.size
-    take = np.concatenate([idx, np.full(pad, idx[0])])
+    take = np.concatenate([idx, np.zeros(chunk - idx.size, np.int64)])
     args = (x[take], sigma0[take], (example_ids[take] % 2**31).astype(np.int32))
-    args = [jax.device_put(a, sharding) for a in args]
+    args = [distributed.to_global(a, sharding, global_chunk) for a in args]
     outs.append((idx.size, fn(params, key, jnp.float32(lr),
-                               jnp.float32(sigma_min), *args)))
-  parts = [[np.asarray(o)[:n] for o in out] for n, out in outs]
+                              jnp.float32(sigma_min), *args)))
+  parts = [[distributed.host_rows(o)[:n] for o in out] for n, out in outs]
+  if not parts:
+    parts = [[np.zeros((0,)), np.zeros((0, steps + 1)),
+              np.zeros((0, steps + 1)), np.zeros((0,), np.int32)]]
   sigma, traj, sigmas, bad = (np.concatenate(z) for z in zip(*parts))
   traj, sigmas = traj.T, sigmas.T  # [steps + 1, B]
   if bad.any():

@@ -51,6 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dds_jax import checkpoint as ckpt_lib
 from dds_jax import data as data_lib
+from dds_jax import distributed
 from dds_jax import models
 from dds_jax import noise as noise_lib
 from dds_jax import progress as progress_lib
@@ -263,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   check_dataset_fits(config, train_ds)
   mesh = sampler.make_mesh(config.mesh.num_devices or None)
   ndev = mesh.shape[sampler.DATA_AXIS]
+  main = distributed.is_main()  # writes metrics and the export
   if tc.batch_size % ndev:
     raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible "
                       f"by the {ndev} devices")
@@ -295,30 +297,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         raise ConfigError(f"{workdir} holds a checkpoint with {name} "
                           f"{meta.get(name)!r}, not {want!r}; use another "
                           "--workdir")
-    restored = ckpt.restore(variables, opt_state, sigma_table_like=table)
+    restored = ckpt.restore(variables, opt_state, sigma_table_like=table,
+                            sharding=NamedSharding(mesh, P()))
     variables, opt_state = restored["params"], restored["opt_state"]
     table = np.asarray(restored["sigma_table"])
     step, start_epoch, start_batch = meta["step"], meta["epoch"], meta["batch"]
-    print(f"resuming from step {step} (epoch {start_epoch}, batch "
-          f"{start_batch})", flush=True)
-  with open(os.path.join(workdir, "train_config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+    if main:
+      print(f"resuming from step {step} (epoch {start_epoch}, batch "
+            f"{start_batch})", flush=True)
+  if main:
+    with open(os.path.join(workdir, "train_config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
 
-  replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(sampler.DATA_AXIS))
-  variables = jax.device_put(variables, replicated)
-  opt_state = jax.device_put(opt_state, replicated)
-  table = jax.device_put(jnp.asarray(table), replicated)
+  # Parameters, optimizer state and the sigma table are replicated on every
+  # device (of every process); batches are split over the `data` axis.
+  variables, opt_state, table, key = distributed.replicate(
+      (variables, opt_state, table, key), mesh)
   train_steps = {}
   eval_step = make_eval_step(bundle, config.noise.kind)
   sigma = jnp.float32(config.noise.sigma)
   eval_ds = test_ds.take(np.arange(min(tc.eval_examples, len(test_ds))))
   eval_bs = min(tc.batch_size, 500)
   eval_bs = max(ndev, eval_bs - eval_bs % ndev)
-  writer = _summary_writer(workdir)
+  writer = _summary_writer(workdir) if main else None
 
   def put(batch):
-    return {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+    """The global batch from this process's rows of it."""
+    n = len(batch["mask"])
+    rows = distributed.local_row_slice(batch_sharding, n)
+    return {k: distributed.to_global(v[rows], batch_sharding, n)
+            for k, v in batch.items()}
 
   def save(epoch, batch_idx):
     ckpt.save(step, variables, opt_state,
@@ -329,7 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               sigma_table=table)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  bar = progress_lib.Progress(total_steps, "train", unit="steps", every_s=15)
+  bar = progress_lib.Progress(total_steps, "train", unit="steps", every_s=15,
+                              enabled=main)
   bar.resume_from(step)
   last = {}
   for epoch in range(start_epoch, tc.epochs):
@@ -372,8 +382,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             "smoothadv_eps": float(eps_adv) if tc.method == "smoothadv" else None,
             "epoch_time_s": elapsed,
             "images_per_s": count / max(elapsed, 1e-9)}
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(last) + "\n")
+    if main:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(last) + "\n")
     if writer is not None:
       for name in ("train_loss", "train_accuracy", "test_accuracy",
                    "noisy_test_accuracy", "images_per_s"):
@@ -382,19 +393,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       writer.add_histogram("sigma_table", np.asarray(table), step)
       writer.flush()
     st = last["sigma_table"]
-    print(f"epoch {epoch + 1}/{tc.epochs}: loss {last['train_loss']:.4f} "
-          f"train acc {last['train_accuracy']:.3f} test acc "
-          f"{last['test_accuracy']:.3f} noisy test acc "
-          f"{last['noisy_test_accuracy']:.3f} sigma {st['mean']:.3f} "
-          f"[{st['min']:.3f}, {st['max']:.3f}] ({elapsed:.1f} s)", flush=True)
+    if main:
+      print(f"epoch {epoch + 1}/{tc.epochs}: loss {last['train_loss']:.4f} "
+            f"train acc {last['train_accuracy']:.3f} test acc "
+            f"{last['test_accuracy']:.3f} noisy test acc "
+            f"{last['noisy_test_accuracy']:.3f} sigma {st['mean']:.3f} "
+            f"[{st['min']:.3f}, {st['max']:.3f}] ({elapsed:.1f} s)",
+            flush=True)
   if ckpt.latest_step() != step:
     save(tc.epochs, 0)
   ckpt.wait()
   ckpt.close()
-  ckpt_lib.export_params(os.path.join(workdir, EXPORT_DIR), variables,
-                         {"model": config.model.name, "step": step,
-                          "method": tc.method, "data": config.data.name},
-                         dtype=config.ckpt.export_dtype)
+  if main:
+    ckpt_lib.export_params(os.path.join(workdir, EXPORT_DIR), variables,
+                           {"model": config.model.name, "step": step,
+                            "method": tc.method, "data": config.data.name},
+                           dtype=config.ckpt.export_dtype)
+  distributed.barrier("train_and_evaluate done")
   if writer is not None:
     writer.close()
   return last
@@ -419,6 +434,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(f"the checkpoint in {workdir} is of model "
                       f"{meta.get('model')!r}, not {config.model.name!r}")
   if params is None:
-    params = ckpt.restore(template)["params"]
+    mesh = sampler.make_mesh(config.mesh.num_devices or None)
+    params = ckpt.restore(template, sharding=NamedSharding(mesh, P()))[
+        "params"]
     ckpt.close()
   return bundle, params

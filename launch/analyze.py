@@ -35,7 +35,9 @@ from absl import app
 from absl import flags
 
 from dds_jax import analysis
+from dds_jax import distributed
 from dds_jax import errors
+from launch import multihost
 
 _RADII = flags.DEFINE_list(
     'radii', [f'{r:g}' for r in analysis.DEFAULT_RADII],
@@ -121,7 +123,9 @@ def main(argv: Sequence[str]) -> None:
   if not paths:
     raise app.UsageError('give one or more certification TSV files')
   try:
-    run(paths)
+    multihost.maybe_initialize()
+    if distributed.is_main():  # the same command on every host: one writes
+      run(paths)
   except errors.DdsError as e:
     print(f'analyze: error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -8,6 +8,7 @@ Writes certify.tsv, summary.json and certified_accuracy.png into --workdir.
 from absl import app
 
 from dds_jax import analysis
+from dds_jax import distributed
 from dds_jax import evaluate
 from launch import common
 
@@ -18,7 +19,8 @@ def main(argv):
   def run():
     summary = evaluate.certify_dataset(common.CONFIG.value,
                                        common.WORKDIR.value)
-    print(analysis.format_table({"certify": summary}))
+    if distributed.is_main():
+      print(analysis.format_table({"certify": summary}))
 
   common.run_main(run)
 

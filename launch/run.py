@@ -13,6 +13,7 @@ run's files.
 from absl import app
 
 from dds_jax import analysis
+from dds_jax import distributed
 from dds_jax import evaluate
 from dds_jax import train
 from launch import common
@@ -29,12 +30,12 @@ def main(argv):
               f"{config.certify.alpha}; files in {workdir}):\n")
     if config.sigma_opt.enabled:
       _, text = evaluate.compare_fixed_and_ds(config, workdir)
-      print(header)
-      print(text)
     else:
       summary = evaluate.certify_dataset(config, workdir)
+      text = analysis.format_table({"fixed sigma": summary})
+    if distributed.is_main():
       print(header)
-      print(analysis.format_table({"fixed sigma": summary}))
+      print(text)
 
   common.run_main(run)
 
