@@ -1,0 +1,187 @@
+"""Several processes on this CPU (jax.distributed, gloo collectives, localhost
+coordinator) give exactly the results of one process."""
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dds_jax import analysis
+from tests import conftest
+
+DIGITS = "dds_jax/configs/digits.py:small"
+TRAIN_FLAGS = ("--config.train.ds.enabled=True",)  # a sigma table to compare
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def launch(module, *args, num_processes=1, devices=1, timeout=600):
+  """Runs a launcher as num_processes processes with `devices` CPU devices each.
+
+  Returns the list of (returncode, stdout, stderr), one per process.
+  """
+  cmd = [sys.executable, "-m", f"launch.{module}", *args]
+  if num_processes > 1:
+    port = free_port()
+    cmds = [cmd + ["--multihost", f"--coordinator_address=localhost:{port}",
+                   f"--num_processes={num_processes}", f"--process_id={i}"]
+            for i in range(num_processes)]
+  else:
+    cmds = [cmd]
+  procs = [subprocess.Popen(c, cwd=conftest.REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=conftest.subprocess_env(devices))
+           for c in cmds]
+  out = []
+  try:
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=timeout)
+      out.append((p.returncode, stdout, stderr))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (rc, _, err) in enumerate(out):
+    assert rc == 0, f"process {i}: {err[-3000:]}"
+  return out
+
+
+def _same_except_time(a, b):
+  assert sorted(a) == sorted(b)
+  for name in a:
+    if name != "time":
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k}
+          for r in rows]
+
+
+def _sigma_table(workdir):
+  from dds_jax import checkpoint
+  ckpt = checkpoint.Checkpointer(workdir, create=False)
+  meta = ckpt.read_meta()
+  import jax
+  from dds_jax import train
+  from dds_jax.configs import digits
+  bundle = train.build_model(digits.get_config("small"), (8, 8, 1))
+  template = jax.eval_shape(bundle.init, jax.random.key(0))
+  out = ckpt.restore(template, sigma_table_like=np.zeros(meta["num_train"],
+                                                         np.float32),
+                     sharding=jax.sharding.SingleDeviceSharding(
+                         jax.devices()[0]))
+  ckpt.close()
+  return np.asarray(out["sigma_table"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The same training run on 1 process x 2 devices and 2 processes x 1."""
+  root = tmp_path_factory.mktemp("multihost")
+  one, two = str(root / "one"), str(root / "two")
+  launch("train", f"--config={DIGITS}", f"--workdir={one}", *TRAIN_FLAGS,
+         devices=2)
+  res = launch("train", f"--config={DIGITS}", f"--workdir={two}",
+               *TRAIN_FLAGS, num_processes=2)
+  return one, two, res
+
+
+def test_training_on_two_processes_equals_one(trained):
+  one, two, res = trained
+  with open(os.path.join(one, "export", "params.msgpack"), "rb") as f:
+    params_one = f.read()
+  with open(os.path.join(two, "export", "params.msgpack"), "rb") as f:
+    assert f.read() == params_one  # bit for bit
+  assert _metrics(one) == _metrics(two)
+  table_one, table_two = _sigma_table(one), _sigma_table(two)
+  assert np.any(table_one != table_one[0])  # the ascent moved some sigmas
+  np.testing.assert_array_equal(table_one, table_two)  # orbax, 2 hosts
+  # Process 0 reports; process 1 stays quiet.
+  assert "epoch 2/2" in res[0][1] and "epoch" not in res[1][1]
+
+
+def test_certification_on_two_processes_equals_one(trained, tmp_path):
+  """Data-dependent sigma, memory and Monte Carlo certification, split 3/4 per
+  call of 7 examples, against one process on one device; then a crash after
+  10 rows resumes (on two processes) to the same files."""
+  one, _, _ = trained
+  flags = [f"--config={DIGITS}", "--config.certify.examples_per_call=7"]
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  for d in (single, multi):
+    shutil.copytree(os.path.join(one, "checkpoints"),
+                    os.path.join(d, "checkpoints"))
+  launch("certify", *flags, f"--workdir={single}")
+  res = launch("certify", *flags, f"--workdir={multi}", num_processes=2)
+  assert "certify |" in res[0][1] and "certify |" not in res[1][1]
+  full = analysis.read_tsv(os.path.join(single, "certify.tsv"))
+  assert len(full["idx"]) == 30
+  _same_except_time(full, analysis.read_tsv(os.path.join(multi,
+                                                          "certify.tsv")))
+  for name in ("sigma.tsv",):
+    with open(os.path.join(single, name)) as a, open(os.path.join(
+        multi, name)) as b:
+      assert a.read() == b.read()
+  with open(os.path.join(multi, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["n"] == 300 and summary["memory"]["num_stored"] == 30
+
+  def stored(d):
+    with sqlite3.connect(os.path.join(d, "memory.sqlite")) as db:
+      return db.execute("SELECT example_id, pred, radius FROM certificates "
+                        "ORDER BY id").fetchall()
+  assert stored(single) == stored(multi)
+
+  # A crash after 10 rows: the TSV holds 10 rows, the store all 30 (the
+  # memory committed before the TSV was written). Two processes resume.
+  tsv = os.path.join(multi, "certify.tsv")
+  with open(tsv) as f:
+    lines = f.read().splitlines(keepends=True)
+  with open(tsv, "w") as f:
+    f.writelines(lines[:11])
+  res = launch("certify", *flags, f"--workdir={multi}", num_processes=2)
+  assert "resuming certification at example 10 of 30" in res[0][1]
+  _same_except_time(full, analysis.read_tsv(tsv))
+  assert stored(single) == stored(multi)  # nothing inserted twice
+
+
+def test_a_process_with_no_examples_in_a_call(trained, tmp_path):
+  """One example per call: process 0 gets none, process 1 the example."""
+  one, _, _ = trained
+  flags = [f"--config={DIGITS}", "--config.certify.examples_per_call=1",
+           "--config.certify.max=48",
+           f"--config.certify.checkpoint={one}/export"]
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  launch("certify", *flags, f"--workdir={single}")
+  launch("certify", *flags, f"--workdir={multi}", num_processes=2)
+  a = analysis.read_tsv(os.path.join(single, "certify.tsv"))
+  assert len(a["idx"]) == 4
+  _same_except_time(a, analysis.read_tsv(os.path.join(multi, "certify.tsv")))
+
+
+def test_multihost_flags_need_each_other(tmp_path):
+  res = subprocess.run(
+      [sys.executable, "-m", "launch.certify", f"--config={DIGITS}",
+       f"--workdir={tmp_path}", "--multihost", "--num_processes=2"],
+      cwd=conftest.REPO, capture_output=True, text=True, timeout=300,
+      env=conftest.subprocess_env(1))
+  assert res.returncode == 1
+  assert "coordinator_address, num_processes and process_id" in res.stderr
+  res = subprocess.run(
+      [sys.executable, "-m", "launch.certify", f"--config={DIGITS}",
+       f"--workdir={tmp_path}", "--process_id=1"],
+      cwd=conftest.REPO, capture_output=True, text=True, timeout=300,
+      env=conftest.subprocess_env(1))
+  assert res.returncode == 1 and "need --multihost" in res.stderr
