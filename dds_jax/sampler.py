@@ -10,7 +10,9 @@ different devices. Counts per block are summed on the host. So:
   * memory is bounded by `batch_size` per device, whatever `num_samples`;
   * nothing recompiles across examples, sigma values or the last partial block
     (sigma, example ids, block ids and the number of valid samples of a block
-    are traced arguments);
+    are traced arguments); the last step of a call holds the smallest power
+    of two of blocks that fits what is left (`_step_sizes`), so a handful of
+    shapes is compiled once and a small call runs no padded full batch;
   * counts are identical whatever the number of examples per call or the
     number of devices (the same blocks meet in the same per-device batches
     on one or several devices).
@@ -163,6 +165,45 @@ def _count_step(apply_fn: ApplyFn, mesh, samples_per_block: int,
   return jax.jit(step)
 
 
+def compile_count_step(apply_fn: ApplyFn, params, mesh: jax.sharding.Mesh,
+                       image_shape, num_classes: int,
+                       batch_size: int = DEFAULT_BATCH_SIZE,
+                       samples_per_block: int = DEFAULT_SAMPLES_PER_BLOCK,
+                       noise: str = "gaussian"):
+  """Ahead-of-time lowering and compilation of one sampler step for a mesh.
+
+  Everything is abstract (`jax.ShapeDtypeStruct` with the step's shardings;
+  params may be abstract too), so a job can be checked to partition and fit
+  on a mesh before it runs: e.g. a 256-device mesh of fake CPU devices
+  (`--xla_force_host_platform_device_count`) or a TPU topology.
+
+  Returns:
+    The `jax.stages.Compiled` step (see its `memory_analysis()`,
+    `cost_analysis()`, `as_text()`).
+  """
+  if batch_size % samples_per_block:
+    raise InputError(f"batch_size={batch_size} must be a multiple of "
+                     f"samples_per_block={samples_per_block}")
+  blocks = batch_size // samples_per_block
+  ndev = mesh.shape[DATA_AXIS]
+  step = _count_step(apply_fn, mesh, samples_per_block, blocks, num_classes,
+                     noise, tuple(image_shape))
+  data, rep = NamedSharding(mesh, P(DATA_AXIS)), NamedSharding(mesh, P())
+  rows = blocks * ndev
+
+  def spec(shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+  abstract_params = jax.tree.map(
+      lambda a: spec(np.shape(a), a.dtype, rep), params)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  args = (abstract_params, spec(key.shape, key.dtype, rep),
+          spec((rows,) + tuple(image_shape), jnp.float32, data),
+          spec((rows,), jnp.float32, data),
+          *[spec((rows,), jnp.int32, data) for _ in range(4)])
+  return step.lower(*args).compile()
+
+
 def sample_counts(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
                   num_samples: int, num_classes: Optional[int] = None,
                   batch_size: int = DEFAULT_BATCH_SIZE, *,
@@ -281,6 +322,22 @@ def _work_items(b: int, streams, s: int) -> dict[str, np.ndarray]:
   return {n: v[order] for n, v in cols.items()}
 
 
+def _step_sizes(num_items: int, per_device: int, ndev: int) -> list[int]:
+  """Blocks per device of each step for num_items blocks on ndev devices.
+
+  Full steps of per_device blocks, then one tail step with the smallest power
+  of two (at most per_device) that holds the rest: a call with a few blocks
+  left over (a small n0, a small N) does not run a padded full batch. At most
+  log2(per_device) + 2 shapes are ever compiled.
+  """
+  full, rest = divmod(num_items, per_device * ndev)
+  sizes = [per_device] * full
+  if rest:
+    need = max(math.ceil(rest / ndev), 1)
+    sizes.append(min(per_device, 1 << (need - 1).bit_length()))
+  return sizes
+
+
 def _sample_streams(apply_fn, params, x, sigma, key, streams, num_classes,
                     batch_size, example_ids, samples_per_block, noise, mesh,
                     progress):
@@ -288,17 +345,16 @@ def _sample_streams(apply_fn, params, x, sigma, key, streams, num_classes,
   b = x.shape[0]
   s = samples_per_block
   per_device = batch_size // s
-  per_step = per_device * mesh.shape[DATA_AXIS]           # global
-  per_step_here = per_device * len(distributed.local_devices(mesh))
-  step = _count_step(apply_fn, mesh, s, per_device, num_classes, noise,
-                     tuple(x.shape[1:]))
+  ndev, ndev_here = mesh.shape[DATA_AXIS], len(distributed.local_devices(mesh))
 
   items = _work_items(b, streams, s)
   total = items["example"].size
-  # Every process runs the same number of steps; short ones pad with blocks of
-  # zero valid samples (the mask), which count nothing.
-  nsteps = distributed.max_over_processes(math.ceil(total / per_step_here))
-  pad = nsteps * per_step_here - total
+  # Every process runs the same steps (sized by the process with the most
+  # blocks); the others pad with blocks of zero valid samples, which count
+  # nothing. Blocks per device of each step: full steps, then one tail step.
+  sizes = _step_sizes(distributed.max_over_processes(total), per_device,
+                      ndev_here)
+  pad = sum(sizes) * ndev_here - total
   items = {n: np.concatenate([v, np.zeros(pad, np.int64)])
            for n, v in items.items()}
 
@@ -326,13 +382,17 @@ def _sample_streams(apply_fn, params, x, sigma, key, streams, num_classes,
     if progress is not None and total:
       progress(int(done[min(sl.stop, total) - 1]), grand_total)
 
-  for i in range(nsteps):
-    sl = slice(i * per_step_here, (i + 1) * per_step_here)
+  lo = 0
+  for blocks in sizes:
+    sl = slice(lo, lo + blocks * ndev_here)
+    lo = sl.stop
+    step = _count_step(apply_fn, mesh, s, blocks, num_classes, noise,
+                       tuple(x.shape[1:]))
     ex = items["example"][sl]
     args = [x[ex], sigma[ex], items["purpose"][sl].astype(np.int32),
             ids32[ex].astype(np.int32), items["block"][sl].astype(np.int32),
             items["valid"][sl].astype(np.int32)]
-    args = [distributed.to_global(a, sharding, per_step) for a in args]
+    args = [distributed.to_global(a, sharding, blocks * ndev) for a in args]
     pending.append((sl, step(params, key, *args)))
     if len(pending) > 4:  # keep a few steps in flight, bounded memory
       collect()

@@ -185,3 +185,32 @@ def test_multihost_flags_need_each_other(tmp_path):
       cwd=conftest.REPO, capture_output=True, text=True, timeout=300,
       env=conftest.subprocess_env(1))
   assert res.returncode == 1 and "need --multihost" in res.stderr
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 30])
+@pytest.mark.parametrize("count", [1, 2, 3, 8])
+def test_process_slices_cover_every_example_once(n, count):
+  from dds_jax import distributed
+  slices = [distributed.split(n, i, count) for i in range(count)]
+  got = np.concatenate([np.arange(n)[s] for s in slices])
+  np.testing.assert_array_equal(got, np.arange(n))  # in order, none twice
+  sizes = [len(range(n)[s]) for s in slices]
+  assert max(sizes) - min(sizes) <= 1
+
+
+def test_single_process_helpers_are_identities():
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from dds_jax import distributed, sampler
+  mesh = sampler.make_mesh()
+  rows = np.arange(6.0) / 7
+  assert distributed.gather_rows(rows) is rows
+  assert distributed.broadcast({"a": rows})["a"] is rows
+  assert distributed.max_over_processes(3) == 3
+  sharding = NamedSharding(mesh, P("data"))
+  assert distributed.local_row_slice(sharding, 6) == slice(0, 6)
+  g = distributed.to_global(rows, sharding, 6)
+  np.testing.assert_array_equal(distributed.host_rows(g), rows)
+  key = distributed.replicate(jax.random.key(3), mesh)
+  assert jax.random.key_data(key).tolist() == jax.random.key_data(
+      jax.random.key(3)).tolist()

@@ -121,3 +121,62 @@ def test_two_devices_give_identical_counts_and_certificates(cnn):
 def test_bad_mesh_size_is_a_clear_error():
   with pytest.raises(dds_jax.InputError, match="device"):
     dds_jax.make_mesh(len(jax.devices()) + 1)
+
+
+def test_selection_and_estimation_in_one_pass_equal_separate_calls(cnn):
+  bundle, params, x = cnn
+  ids = np.arange(100, 107)
+  streams = ((dds_jax.noise.Purpose.SELECT, 100),
+             (dds_jax.noise.Purpose.ESTIMATE, 250))
+  together = sampler.sample_streams(
+      bundle.apply_fn, params, x, 0.5, jax.random.key(42), streams,
+      batch_size=200, samples_per_block=50, example_ids=ids)
+  for (purpose, n), counts in zip(streams, together):
+    np.testing.assert_array_equal(
+        counts, _counts(bundle, params, x, ids, num_samples=n,
+                        purpose=purpose))
+  assert np.all(together[0].sum(1) == 100) and np.all(together[1].sum(1) == 250)
+
+
+@pytest.mark.parametrize("items,per_device,ndev", [
+    (22, 10, 1), (2, 10, 1), (20, 10, 1), (21, 10, 2), (1, 4, 8), (0, 4, 2),
+    (1000, 10, 1), (37, 8, 3)])
+def test_step_sizes_hold_every_block_with_a_small_tail(items, per_device,
+                                                       ndev):
+  sizes = sampler._step_sizes(items, per_device, ndev)
+  capacity = sum(sizes) * ndev
+  assert capacity >= items
+  assert all(1 <= s <= per_device for s in sizes)
+  assert sizes[:-1] == [per_device] * (len(sizes) - 1)
+  if sizes and sizes[-1] != per_device:   # the tail: a power of two that fits
+    tail = sizes[-1]
+    assert tail & (tail - 1) == 0
+    assert capacity - items < max(tail // 2, 1) * ndev or tail == 1
+  # The requested 2 x (n0 + n) = 2 x 1,100 samples of 100 per block on one
+  # device with batch 1,000: 22 blocks run as 10 + 10 + 2, not 3 x 10.
+  assert sampler._step_sizes(22, 10, 1) == [10, 10, 2]
+
+
+_AOT_CHILD = r"""
+import jax, numpy as np
+from dds_jax import models, sampler
+assert len(jax.devices()) == 64
+bundle = models.build("small_cnn", 10, (8, 8, 1))
+params = jax.eval_shape(bundle.init, jax.random.key(0))  # abstract only
+mesh = sampler.make_mesh()
+c = sampler.compile_count_step(bundle.apply_fn, params, mesh, (8, 8, 1), 10,
+                               batch_size=400, samples_per_block=100)
+shardings = c.input_shardings[0]
+from jax.sharding import PartitionSpec as P
+print(mesh.shape["data"], shardings[2].spec == P("data"),
+      all(s.spec == P() for s in jax.tree.leaves(shardings[0])),
+      c.memory_analysis() is not None)
+"""
+
+
+def test_sampler_compiles_ahead_of_time_for_a_64_device_mesh():
+  res = subprocess.run([sys.executable, "-c", _AOT_CHILD], capture_output=True,
+                       text=True, env=conftest.subprocess_env(64), timeout=300,
+                       cwd=conftest.REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert res.stdout.split() == ["64", "True", "True", "True"]
