@@ -203,7 +203,7 @@ def test_single_process_helpers_are_identities():
   from jax.sharding import NamedSharding, PartitionSpec as P
   from dds_jax import distributed, sampler
   mesh = sampler.make_mesh()
-  rows = np.arange(6.0) / 7
+  rows = (np.arange(6.0) / 7).astype(np.float32)
   assert distributed.gather_rows(rows) is rows
   assert distributed.broadcast({"a": rows})["a"] is rows
   assert distributed.max_over_processes(3) == 3
