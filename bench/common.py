@@ -30,3 +30,40 @@ def run_child(script: str) -> dict[str, Any]:
     subprocess.run(argv, env=env, check=True)
     with open(out) as f:
       return json.load(f)
+
+
+def git(*args: str) -> str | None:
+  """Output of `git <args>` in the repository, or None without git."""
+  try:
+    return subprocess.run(['git', '-C', REPO, *args], capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+  """The machine, versions, command and load: recorded with every result."""
+  import datetime  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = None
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f
+                  if line.startswith('model name')), None)
+  except OSError:
+    pass
+  return dict(
+      cpu_model=cpu, nproc=os.cpu_count(),
+      sched_cpus=len(os.sched_getaffinity(0)),
+      platform=platform.platform(), python=platform.python_version(),
+      jax=jax.__version__, jaxlib=jax.lib.__version__, flax=flax.__version__,
+      backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      command=shlex.join([os.path.relpath(sys.executable, REPO)] + sys.argv),
+      git_head=git('rev-parse', 'HEAD'),
+      loadavg_start=list(os.getloadavg()), **extra)

@@ -14,8 +14,9 @@ logits) on the same images, sigma and N:
    `dds_jax.certify.certify(..., batch_size=1000)` on all images in one call
    vs the reference `Smooth.certify` (Cohen's loop, batch 1000) image after
    image, as DDRS's `certify_ds.py` runs it. Only requested samples count:
-   the JAX sampler computes whole blocks of 100 in steps of 1000 images, so
-   with few images its padding is paid for here (`jax_computed_samples`).
+   the JAX sampler computes whole blocks of 100, n0 and N in one pass, in
+   steps of 1000 images and one smaller tail step; what it computes beyond
+   the request is `jax_computed_samples`.
 2. sigma-optimization examples/s = images / wall time:
    `dds_jax.sigma_opt.optimize_sigma(steps=K, num_samples=m,
    examples_per_device=images)` vs the official batched ascent
@@ -40,13 +41,9 @@ prints a Markdown table last.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -64,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bench import common as bench_common
 from bench import reference_torch
 from dds_jax.certify import certify as jax_certify
 from dds_jax import models
@@ -185,22 +183,11 @@ class _Case:
   # --- certification -------------------------------------------------------
 
   def jax_certify(self):
-    marks = {}
-    boundary = self.b * _N0
-
-    def progress(done, total):
-      del total
-      if done == boundary and 'n0_done' not in marks:
-        marks['n0_done'] = time.perf_counter()
-
-    t0 = time.perf_counter()
-    cert = jax_certify(
+    # n0 and N are drawn in one sampler pass (dds_jax.sampler.sample_streams),
+    # so there is no separate estimation phase to time here.
+    return jax_certify(
         self.apply_fn, self.variables, self.x, _SIGMA, self.key, n0=_N0,
-        n=self.n, alpha=_ALPHA, batch_size=self.batch, progress=progress)
-    t1 = time.perf_counter()
-    if 'n0_done' in marks:
-      self.phase_times.append((marks['n0_done'] - t0, t1 - marks['n0_done']))
-    return cert
+        n=self.n, alpha=_ALPHA, batch_size=self.batch)
 
   def torch_certify(self):
     smooth = reference_torch.Smooth(self.torch_model, _NUM_CLASSES, _SIGMA)
@@ -210,12 +197,8 @@ class _Case:
   def jax_computed_samples(self) -> int:
     """Noisy images the JAX sampler pushes through, padding included."""
     spb = sampler.DEFAULT_SAMPLES_PER_BLOCK
-    per_step = self.batch // spb
-    total = 0
-    for num in (_N0, self.n):
-      blocks = self.b * -(-num // spb)
-      total += -(-blocks // per_step) * self.batch
-    return total
+    blocks = self.b * (-(-_N0 // spb) + -(-self.n // spb))
+    return sum(sampler._step_sizes(blocks, self.batch // spb, 1)) * spb  # pylint: disable=protected-access
 
   # --- sigma optimization --------------------------------------------------
 
@@ -223,7 +206,7 @@ class _Case:
     return sigma_opt.optimize_sigma(
         self.apply_fn, self.variables, self.x, _SIGMA, self.key,
         steps=steps or self.steps, lr=_LR, num_samples=self.m,
-        examples_per_device=self.b)
+        examples_per_device=-(-self.b // jax.device_count()))
 
   def torch_sigma(self, steps=None):
     return reference_torch.optimize_sigma(
@@ -385,40 +368,11 @@ def _measure(case: _Case, s: dict[str, Any]) -> dict[str, Any]:
   return row
 
 
-def _git_head() -> str | None:
-  try:
-    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=_REPO, check=True,
-                          capture_output=True, text=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
 def _machine() -> dict[str, Any]:
-  cpu = None
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  import flax  # pylint: disable=g-import-not-at-top
-  return dict(
-      cpu_model=cpu, nproc=os.cpu_count(),
-      sched_cpus=len(os.sched_getaffinity(0)),
-      platform=platform.platform(), python=platform.python_version(),
-      jax=jax.__version__, jaxlib=jax.lib.__version__, flax=flax.__version__,
+  return bench_common.machine(
       torch=torch.__version__, torch_threads=torch.get_num_threads(),
       torch_interop_threads=torch.get_num_interop_threads(),
-      torch_mkldnn=torch.backends.mkldnn.is_available(),
-      backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
-      xla_flags=os.environ.get('XLA_FLAGS', ''),
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds'),
-      command=shlex.join([os.path.relpath(sys.executable, _REPO)] +
-                         sys.argv),
-      git_head=_git_head(), loadavg_start=list(os.getloadavg()))
+      torch_mkldnn=torch.backends.mkldnn.is_available())
 
 
 def _fmt(v: float | None, digits: int = 0) -> str:

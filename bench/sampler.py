@@ -35,12 +35,9 @@ a Markdown table last.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -318,28 +315,7 @@ def _measure_devices(s: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _machine() -> dict[str, Any]:
-  cpu = None
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  import flax  # pylint: disable=g-import-not-at-top
-  return dict(
-      cpu_model=cpu, nproc=os.cpu_count(),
-      sched_cpus=len(os.sched_getaffinity(0)),
-      platform=platform.platform(), python=platform.python_version(),
-      jax=jax.__version__, jaxlib=jax.lib.__version__, flax=flax.__version__,
-      backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
-      xla_flags=os.environ.get('XLA_FLAGS', ''),
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds'),
-      command=shlex.join([os.path.relpath(sys.executable, _REPO)] +
-                         sys.argv),
-      loadavg_start=list(os.getloadavg()))
+  return bench_common.machine()
 
 
 def _fmt(v: float | None, digits: int = 0) -> str:

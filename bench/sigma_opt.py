@@ -49,15 +49,11 @@ Markdown tables last.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -296,38 +292,14 @@ def _measure_devices(c: dict[str, Any], target_steps: int) -> dict[str, Any]:
 
 
 def _machine() -> dict[str, Any]:
-  cpu = None
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  import flax  # pylint: disable=g-import-not-at-top
-  return dict(
-      cpu_model=cpu, nproc=os.cpu_count(),
-      sched_cpus=len(os.sched_getaffinity(0)),
-      platform=platform.platform(), python=platform.python_version(),
-      jax=jax.__version__, jaxlib=jax.lib.__version__, flax=flax.__version__,
-      backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
-      xla_flags=os.environ.get('XLA_FLAGS', ''),
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds'),
-      command=shlex.join([os.path.relpath(sys.executable, _REPO)] +
-                         sys.argv),
-      loadavg_start=_loadavg(), **_git())
+  m = bench_common.machine(**_git())
+  m['loadavg_start'] = _loadavg()
+  return m
 
 
 def _git() -> dict[str, Any]:
   """HEAD and whether dds_jax/sigma_opt.py differs from it."""
-  def git(*args):
-    try:
-      return subprocess.run(['git', '-C', _REPO, *args], capture_output=True,
-                            text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return None
+  git = bench_common.git
   status = git('status', '--porcelain', '--', 'dds_jax/sigma_opt.py')
   return dict(git_head=git('rev-parse', 'HEAD'),
               sigma_opt_dirty=None if status is None else bool(status),

@@ -67,14 +67,10 @@ prints Markdown tables last.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -416,12 +412,7 @@ def _measure_devices(c: dict[str, Any]) -> dict[str, Any]:
 
 def _git() -> dict[str, Any]:
   """HEAD and whether the measured sources differ from it."""
-  def git(*args):
-    try:
-      return subprocess.run(['git', '-C', _REPO, *args], capture_output=True,
-                            text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return None
+  git = bench_common.git
   status = git('status', '--porcelain', '--', 'dds_jax')
   return dict(git_head=git('rev-parse', 'HEAD'),
               dds_jax_dirty_files=None if status is None else
@@ -430,30 +421,10 @@ def _git() -> dict[str, Any]:
 
 
 def _machine() -> dict[str, Any]:
-  cpu = None
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  import flax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  return dict(
-      cpu_model=cpu, nproc=os.cpu_count(),
-      sched_cpus=len(os.sched_getaffinity(0)),
-      platform=platform.platform(), python=platform.python_version(),
-      jax=jax.__version__, jaxlib=jax.lib.__version__, flax=flax.__version__,
-      optax=optax.__version__,
-      backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
-      gpu=None, xla_flags=os.environ.get('XLA_FLAGS', ''),
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds'),
-      command=shlex.join([os.path.relpath(sys.executable, _REPO)] +
-                         sys.argv),
-      loadavg_start=_loadavg(), **_git())
+  m = bench_common.machine(optax=optax.__version__, gpu=None, **_git())
+  m['loadavg_start'] = _loadavg()
+  return m
 
 
 def _fmt(v: float | None, digits: int = 0) -> str:

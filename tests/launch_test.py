@@ -208,3 +208,20 @@ def test_killed_certification_resumes_to_the_same_files(trained, tmp_path):
     ids = [r[0] for r in db.execute("SELECT example_id FROM certificates "
                                     "ORDER BY id")]
   assert ids == again["idx"].tolist()       # each certificate stored once
+
+
+def test_pod_and_slurm_scripts_run_the_launcher_with_multihost():
+  env = dict(os.environ, TPU="pod", ZONE="zone", DRY="1")
+  res = subprocess.run(["bash", "launch/tpu_pod.sh", "run", "launch.certify",
+                        "--config=dds_jax/configs/imagenet.py",
+                        "--workdir=/mnt/shared/run"], cwd=conftest.REPO,
+                       capture_output=True, text=True, env=env, timeout=60)
+  assert res.returncode == 0, res.stderr
+  assert "--worker=all" in res.stdout and "--multihost" in res.stdout
+  assert "launch.certify" in res.stdout
+  res = subprocess.run(["bash", "-n", "launch/slurm.sbatch"],
+                       cwd=conftest.REPO, capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr
+  with open(os.path.join(conftest.REPO, "launch", "slurm.sbatch")) as f:
+    text = f.read()
+  assert "srun" in text and "--multihost" in text
