@@ -55,7 +55,7 @@ def machine(**extra: Any) -> dict[str, Any]:
                   if line.startswith('model name')), None)
   except OSError:
     pass
-  return dict(
+  return {**dict(
       cpu_model=cpu, nproc=os.cpu_count(),
       sched_cpus=len(os.sched_getaffinity(0)),
       platform=platform.platform(), python=platform.python_version(),
@@ -66,4 +66,4 @@ def machine(**extra: Any) -> dict[str, Any]:
           timespec='seconds'),
       command=shlex.join([os.path.relpath(sys.executable, REPO)] + sys.argv),
       git_head=git('rev-parse', 'HEAD'),
-      loadavg_start=list(os.getloadavg()), **extra)
+      loadavg_start=list(os.getloadavg())), **extra}
