@@ -111,6 +111,12 @@ def test_training_on_two_processes_equals_one(trained):
   np.testing.assert_array_equal(table_one, table_two)  # orbax, 2 hosts
   # Process 0 reports; process 1 stays quiet.
   assert "epoch 2/2" in res[0][1] and "epoch" not in res[1][1]
+  # Both processes restore the orbax checkpoint they wrote together.
+  again = launch("train", f"--config={DIGITS}", f"--workdir={two}",
+                 *TRAIN_FLAGS, num_processes=2)
+  assert "resuming from step 44" in again[0][1]
+  with open(os.path.join(two, "export", "params.msgpack"), "rb") as f:
+    assert f.read() == params_one
 
 
 def test_certification_on_two_processes_equals_one(trained, tmp_path):
