@@ -322,11 +322,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   eval_bs = max(ndev, eval_bs - eval_bs % ndev)
   writer = _summary_writer(workdir) if main else None
 
-  def put(batch):
-    """The global batch from this process's rows of it."""
-    n = len(batch["mask"])
-    rows = distributed.local_row_slice(batch_sharding, n)
-    return {k: distributed.to_global(v[rows], batch_sharding, n)
+  # Each process reads only its rows of every global batch.
+  train_rows = distributed.local_row_slice(batch_sharding, tc.batch_size)
+  eval_rows = distributed.local_row_slice(batch_sharding, eval_bs)
+
+  def put(batch, n):
+    """The global batch of n rows from this process's rows of it."""
+    return {k: distributed.to_global(v, batch_sharding, n)
             for k, v in batch.items()}
 
   def save(epoch, batch_idx):
@@ -352,21 +354,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         epoch, tc.smoothadv.eps, tc.smoothadv.warmup_epochs))
     batches = data_lib.iterate_batches(train_ds, tc.batch_size,
                                        shuffle_key_seed=config.seed,
-                                       epoch=epoch, drop_remainder=True)
+                                       epoch=epoch, drop_remainder=True,
+                                       rows=train_rows)
     for b_idx, batch in enumerate(batches):
       if epoch == start_epoch and b_idx < start_batch:
         continue
       batch["pos"] = positions(batch["example_ids"]).astype(np.int32)
       variables, opt_state, table, m = train_steps[ds_active](
-          variables, opt_state, table, put(batch), key, epoch, eps_adv)
+          variables, opt_state, table, put(batch, tc.batch_size), key, epoch,
+          eps_adv)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
       step += 1
       bar.update(step)
       if step % config.ckpt.every_steps == 0 and step < total_steps:
         save(epoch, b_idx + 1)
     clean = noisy = 0
-    for batch in data_lib.iterate_batches(eval_ds, eval_bs):
-      c, n = eval_step(variables, put(batch), jax.random.fold_in(key, 1), sigma)
+    for batch in data_lib.iterate_batches(eval_ds, eval_bs, rows=eval_rows):
+      c, n = eval_step(variables, put(batch, eval_bs),
+                       jax.random.fold_in(key, 1), sigma)
       clean, noisy = clean + int(c), noisy + int(n)
     sums = jax.device_get(sums) if sums is not None else None
     count = float(sums["count"]) if sums else 0.0

@@ -552,3 +552,16 @@ def test_import_does_not_import_tfds():
   env['PYTHONPATH'] = os.pathsep.join(
       [_REPO_ROOT] + [p for p in [env.get('PYTHONPATH')] if p])
   subprocess.run([sys.executable, '-c', code], check=True, env=env)
+
+
+@pytest.mark.parametrize('rows', [slice(0, 3), slice(3, 6), slice(2, 5)])
+def test_iterate_batches_rows_are_one_process_share_of_each_batch(rows):
+  ds = _toy_dataset(16)
+  for shuffle in (None, 4):
+    full = list(data.iterate_batches(ds, 6, shuffle_key_seed=shuffle))
+    part = list(data.iterate_batches(ds, 6, shuffle_key_seed=shuffle,
+                                     rows=rows))
+    assert len(full) == len(part) == 3
+    for f, p in zip(full, part):
+      for k in f:
+        np.testing.assert_array_equal(p[k], f[k][rows], err_msg=k)

@@ -164,6 +164,7 @@ def iterate_batches(
     epoch: int = 0,
     drop_remainder: bool = False,
     pad: bool = True,
+    rows: slice | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields NumPy batches of a dataset, for one epoch.
 
@@ -187,6 +188,8 @@ def iterate_batches(
       precedence over `pad`.
     pad: Pad the last batch up to `batch_size` (with mask False) instead of
       yielding a smaller one.
+    rows: Only these rows of every batch (after padding), e.g. one process's
+      share of a global batch in a multi-host job: only they are read.
 
   Yields:
     Batches as dicts of NumPy arrays.
@@ -213,29 +216,29 @@ def iterate_batches(
     size = stop - start
     if size < batch_size and drop_remainder:
       return
-    if order is None:
-      idx = slice(start, stop)
-    else:
-      idx = order[start:stop]
-    batch = {
-        'images': ds.images[idx],
-        'labels': ds.labels[idx],
-        'example_ids': ds.example_ids[idx],
-        'mask': np.ones((size,), dtype=np.bool_),
-    }
+    idx = np.arange(start, stop) if order is None else order[start:stop]
+    mask = np.ones((size,), dtype=np.bool_)
     if size < batch_size and pad:
-      batch = _pad_batch(batch, batch_size)
-    yield batch
+      idx = np.concatenate([idx, np.full(batch_size - size, -1)])
+      mask = np.concatenate([mask, np.zeros(batch_size - size, np.bool_)])
+    if rows is not None:
+      idx, mask = idx[rows], mask[rows]
+    yield _read(ds, idx, mask)
 
 
-def _pad_batch(batch: dict[str, np.ndarray],
-               batch_size: int) -> dict[str, np.ndarray]:
-  """Pads every array of `batch` along axis 0 up to `batch_size` rows."""
-  fill = {'images': 0, 'labels': 0, 'example_ids': -1, 'mask': False}
-  out = {}
-  for key, value in batch.items():
-    padded = np.full((batch_size,) + value.shape[1:], fill[key],
-                     dtype=value.dtype)
-    padded[:value.shape[0]] = value
-    out[key] = padded
-  return out
+def _read(ds: Dataset, idx: np.ndarray,
+          mask: np.ndarray) -> dict[str, np.ndarray]:
+  """The batch of examples at positions idx; rows with mask False are blank:
+  zero image, label 0, example id -1."""
+  real = np.where(mask, idx, 0)
+  batch = {
+      'images': ds.images[real],
+      'labels': ds.labels[real],
+      'example_ids': ds.example_ids[real],
+      'mask': mask.copy(),
+  }
+  if not mask.all():
+    batch['images'][~mask] = 0
+    batch['labels'][~mask] = 0
+    batch['example_ids'][~mask] = -1
+  return batch
