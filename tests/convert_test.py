@@ -16,6 +16,7 @@ from dds_jax import models
 
 torch = pytest.importorskip('torch')
 nn = torch.nn
+from bench import reference_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 COHEN_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 COHEN_CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -39,47 +40,9 @@ class NormalizeLayer(nn.Module):
     return (x - self.means.view(1, -1, 1, 1)) / self.sds.view(1, -1, 1, 1)
 
 
-class BasicBlock(nn.Module):
-  """bearpaw / torchvision BasicBlock."""
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.relu = nn.ReLU(inplace=True)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-  """torchvision v1.5 Bottleneck (stride on the 3x3 convolution)."""
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = nn.BatchNorm2d(planes * 4)
-    self.relu = nn.ReLU(inplace=True)
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    return self.relu(out + identity)
+# torchvision's blocks, as the published checkpoints use them.
+BasicBlock = reference_torch.BasicBlock
+Bottleneck = reference_torch.Bottleneck
 
 
 class TorchResNet(nn.Module):
