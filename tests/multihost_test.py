@@ -220,3 +220,18 @@ def test_single_process_helpers_are_identities():
   key = distributed.replicate(jax.random.key(3), mesh)
   assert jax.random.key_data(key).tolist() == jax.random.key_data(
       jax.random.key(3)).tolist()
+
+
+def test_main_job_on_two_processes(tmp_path):
+  """launch.run (train, fixed and data-dependent certification, comparison)
+  as two processes: process 0 writes every file and prints the table."""
+  res = launch("run", f"--config={DIGITS}", f"--workdir={tmp_path}",
+               "--config.train.epochs=1", num_processes=2)
+  assert "data-dependent sigma + memory" in res[0][1]
+  assert "Certified accuracy" not in res[1][1]
+  for name in ("comparison.md", "certified_accuracy.png", "fixed/certify.tsv",
+               "ds/certify.tsv", "ds/sigma.tsv", "ds/memory.sqlite",
+               "export/params.msgpack", "metrics.jsonl"):
+    assert os.path.exists(os.path.join(tmp_path, name)), name
+  rows = analysis.read_tsv(os.path.join(tmp_path, "ds", "certify.tsv"))
+  assert len(rows["idx"]) == 30 and rows["changed"].sum() == 0
