@@ -67,3 +67,13 @@ def machine(**extra: Any) -> dict[str, Any]:
       command=shlex.join([os.path.relpath(sys.executable, REPO)] + sys.argv),
       git_head=git('rev-parse', 'HEAD'),
       loadavg_start=list(os.getloadavg())), **extra}
+
+
+def write_result(path: str, result: dict[str, Any], indent: int = 1) -> None:
+  """Writes a benchmark's JSON (creating its folder) and says where."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=indent)
+    f.write('\n')
+  wall = result.get('wall_s')
+  print(f'wrote {path}' + (f' ({wall:.0f} s)' if wall is not None else ''))

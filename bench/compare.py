@@ -41,7 +41,6 @@ prints a Markdown table last.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -469,11 +468,7 @@ def main(argv):
                 params='random init (bundle.init(key 0)), same in both',
                 wall_s=time.perf_counter() - t0, rows=rows)
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, 'w') as f:
-      json.dump(result, f, indent=1)
-      f.write('\n')
-    print(f'wrote {_OUT.value} ({result["wall_s"]:.0f} s)')
+    bench_common.write_result(_OUT.value, result)
   print(_table(rows))
 
 

@@ -59,6 +59,7 @@ if _REPO not in sys.path:
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
+from bench import common as bench_common
 from dds_jax.memory import MemoryIndex, MemoryStore
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -243,10 +244,9 @@ def main(argv):
                               overlap_perturbation='L2 norm U(0, 0.8)',
                               synchronous='FULL'),
                 results=results)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump(report, f, indent=2)
-  print(f'\nwrote {_OUT.value}\n')
+  print()
+  bench_common.write_result(_OUT.value, report, indent=2)
+  print()
   lines = [
       '| stored | queries | rule ms (median / p90) | exact rechecks / query '
       '| insert RAM ms | insert+commit ms | batch of %d: q/s (one at a time '

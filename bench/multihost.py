@@ -154,9 +154,7 @@ def main(argv):
           flush=True)
   result['machine']['loadavg_end'] = list(os.getloadavg())
   result['wall_s'] = time.time() - t_start
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump(result, f, indent=1)
+  bench_common.write_result(_OUT.value, result)
   print('\n| model | images x (n0 + N) | batch/dev | 1 proc x 1 dev '
         'samples/s | 1 proc x 2 dev | 2 proc x 1 dev | identical |')
   print('| --- | --- | --: | --: | --: | --: | --- |')

@@ -402,11 +402,7 @@ def main(argv):
       devices_1_vs_2=child['rows'] if child else [],
       child_devices=child['devices'] if child else [])
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, 'w') as f:
-      json.dump(result, f, indent=1)
-      f.write('\n')
-    print(f'wrote {_OUT.value} ({result["wall_s"]:.0f} s)')
+    bench_common.write_result(_OUT.value, result)
   print(_table(main_rows, result['devices_1_vs_2'], target))
 
 

@@ -330,20 +330,16 @@ def _memory_rule(store, part, cert, pending):
   k = min(len(pending["pred"]), len(part))
   if k:
     assert np.array_equal(pending["raw_pred"][:k], cert["pred"][:k])
-  mem = {"preds": pending["pred"][:k].astype(np.int64),
-         "radii": pending["radius"][:k].astype(np.float64),
-         "changed": pending["changed"][:k].astype(np.int64)}
-  pending = {n: v[k:] for n, v in pending.items()}
+  parts = [(pending["pred"][:k], pending["radius"][:k], pending["changed"][:k])]
   if k < len(part):
     new = store.insert_many(part.images[k:], cert["pred"][k:],
                             cert["radius"][k:],
                             example_ids=part.example_ids[k:].tolist())
-    mem = {"preds": np.concatenate([mem["preds"], new.preds]).astype(np.int64),
-           "radii": np.concatenate([mem["radii"], new.radii]).astype(
-               np.float64),
-           "changed": np.concatenate([mem["changed"], new.changed]).astype(
-               np.int64)}
-  return mem, pending
+    parts.append((new.preds, new.radii, new.changed))
+  preds, radii, changed = (np.concatenate(c) for c in zip(*parts))
+  mem = {"preds": preds.astype(np.int64), "radii": radii.astype(np.float64),
+         "changed": changed.astype(np.int64)}
+  return mem, {n: v[k:] for n, v in pending.items()}
 
 
 def compare_fixed_and_ds(config: ml_collections.ConfigDict,

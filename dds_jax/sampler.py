@@ -13,9 +13,11 @@ different devices. Counts per block are summed on the host. So:
     are traced arguments); the last step of a call holds the smallest power
     of two of blocks that fits what is left (`_step_sizes`), so a handful of
     shapes is compiled once and a small call runs no padded full batch;
-  * counts are identical whatever the number of examples per call or the
-    number of devices (the same blocks meet in the same per-device batches
-    on one or several devices).
+  * counts are identical whatever the number of examples per call, devices
+    or processes: a block's noise depends only on (key, purpose, example id,
+    block), and a block's counts do not depend on what shares its batch (on
+    CPU, logits were bitwise the same in batches of 100 to 1,000 images; an
+    accelerator may pick another convolution algorithm for another shape).
 
 The per-device program is written with `jax.shard_map` over the `data` axis of
 a mesh from `make_mesh`. `sample_streams` samples several noise streams (e.g.
