@@ -134,18 +134,7 @@ def build_arch(
   if module_cls is None:
     return models.build(arch, num_classes, input_shape, mean=mean, std=std,
                         **module_kwargs)
-  if (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-      or num_classes < 1):
-    raise errors.ConfigError(
-        f'num_classes must be a positive int, got {num_classes!r}')
-  try:
-    shape = tuple(int(d) for d in input_shape)
-  except (TypeError, ValueError) as e:
-    raise errors.ConfigError(
-        f'input_shape must be (H, W, C), got {input_shape!r}') from e
-  if len(shape) != 3 or min(shape) < 1:
-    raise errors.ConfigError(
-        f'input_shape must be (H, W, C) of positive ints, got {input_shape!r}')
+  shape = models.check_classes_and_shape(num_classes, input_shape)
   if arch in _CIFAR_ONLY and shape[:2] != (32, 32):
     raise errors.ConfigError(
         f'{arch} reproduces the PyTorch model on 32x32 inputs only (its '

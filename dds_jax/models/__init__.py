@@ -187,6 +187,12 @@ def _check_build_args(
   if name not in _REGISTRY:
     raise errors.ConfigError(
         f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
+  return check_classes_and_shape(num_classes, input_shape)
+
+
+def check_classes_and_shape(num_classes: int,
+                            input_shape: Sequence[int]) -> tuple[int, int, int]:
+  """A positive int number of classes and an (H, W, C) shape, or ConfigError."""
   if (isinstance(num_classes, bool) or not isinstance(num_classes, int)
       or num_classes < 1):
     raise errors.ConfigError(
