@@ -235,3 +235,12 @@ def test_main_job_on_two_processes(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, name)), name
   rows = analysis.read_tsv(os.path.join(tmp_path, "ds", "certify.tsv"))
   assert len(rows["idx"]) == 30 and rows["changed"].sum() == 0
+
+
+def test_inconsistent_process_arguments_are_config_errors():
+  from dds_jax import distributed
+  from dds_jax import errors
+  with pytest.raises(errors.ConfigError, match="process_id=2"):
+    distributed.initialize("localhost:1", num_processes=2, process_id=2)
+  with pytest.raises(errors.ConfigError, match="or none of them"):
+    distributed.initialize(None, num_processes=2, process_id=0)
