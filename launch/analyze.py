@@ -124,7 +124,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('give one or more certification TSV files')
   try:
     multihost.maybe_initialize()
-    if distributed.is_main():  # the same command on every host: one writes
+    # The same command on every host: one writes. Without --multihost JAX's
+    # backends are never started (no device is needed to read TSV files).
+    if not multihost.MULTIHOST.value or distributed.is_main():
       run(paths)
   except errors.DdsError as e:
     print(f'analyze: error: {e}', file=sys.stderr)
