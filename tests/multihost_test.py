@@ -4,10 +4,12 @@ coordinator) give exactly the results of one process."""
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -25,11 +27,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(module, *args, num_processes=1, devices=1, timeout=600):
-  """Runs a launcher as num_processes processes with `devices` CPU devices each.
-
-  Returns the list of (returncode, stdout, stderr), one per process.
-  """
+def start(module, *args, num_processes=1, devices=1):
+  """Starts a launcher as num_processes processes (localhost coordinator)."""
   cmd = [sys.executable, "-m", f"launch.{module}", *args]
   if num_processes > 1:
     port = free_port()
@@ -38,10 +37,18 @@ def launch(module, *args, num_processes=1, devices=1, timeout=600):
             for i in range(num_processes)]
   else:
     cmds = [cmd]
-  procs = [subprocess.Popen(c, cwd=conftest.REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=conftest.subprocess_env(devices))
-           for c in cmds]
+  return [subprocess.Popen(c, cwd=conftest.REPO, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env=conftest.subprocess_env(devices))
+          for c in cmds]
+
+
+def launch(module, *args, num_processes=1, devices=1, timeout=600):
+  """Runs a launcher as num_processes processes with `devices` CPU devices each.
+
+  Returns the list of (returncode, stdout, stderr), one per process.
+  """
+  procs = start(module, *args, num_processes=num_processes, devices=devices)
   out = []
   try:
     for p in procs:
@@ -161,6 +168,29 @@ def test_certification_on_two_processes_equals_one(trained, tmp_path):
   assert "resuming certification at example 10 of 30" in res[0][1]
   _same_except_time(full, analysis.read_tsv(tsv))
   assert stored(single) == stored(multi)  # nothing inserted twice
+
+  # Both processes SIGKILLed mid-run (after the first call of 7 rows), then
+  # restarted: the same files, each certificate stored once.
+  killed = str(tmp_path / "killed")
+  shutil.copytree(os.path.join(one, "checkpoints"),
+                  os.path.join(killed, "checkpoints"))
+  procs = start("certify", *flags, f"--workdir={killed}", num_processes=2)
+  tsv = os.path.join(killed, "certify.tsv")
+  deadline = time.time() + 300
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(tsv) and len(open(tsv).read().splitlines()) >= 8:
+      break
+    time.sleep(0.02)
+  assert all(p.poll() is None for p in procs), "ended before the kill"
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  for p in procs:
+    p.communicate()
+  assert 7 <= len(analysis.read_tsv(tsv)["idx"]) < 30
+  res = launch("certify", *flags, f"--workdir={killed}", num_processes=2)
+  assert "resuming certification at example" in res[0][1]
+  _same_except_time(full, analysis.read_tsv(tsv))
+  assert stored(single) == stored(killed)
 
 
 def test_a_process_with_no_examples_in_a_call(trained, tmp_path):
