@@ -58,9 +58,17 @@ def launch(module, *args, num_processes=1, devices=1, timeout=600):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for i, (rc, _, err) in enumerate(out):
-    assert rc == 0, f"process {i}: {err[-3000:]}"
+  for i, (rc, stdout, err) in enumerate(out):
+    assert rc == 0, f"process {i} exited with {rc}: {_report(stdout, err)}"
   return out
+
+
+def _report(stdout: str, stderr: str) -> str:
+  """What a failed child said: stdout's end, stderr without absl INFO lines
+  (a fatal error's first lines come before its long module list)."""
+  lines = [l for l in stderr.splitlines() if not l.startswith("I")]
+  return (f"stdout ends: {stdout[-1000:]}\nstderr: " +
+          "\n".join(lines[:60])[:4000] + "\n...\n" + stderr[-1500:])
 
 
 def _same_except_time(a, b):
