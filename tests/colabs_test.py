@@ -36,7 +36,7 @@ COLAB_BADGE = ("https://colab.research.google.com/github/dds-jax/dds_jax/"
                "blob/main/colabs/{}")
 INSTALL_LINE = ('subprocess.check_call([sys.executable, "-m", "pip", '
                 '"install", "-q", "git+https://github.com/dds-jax/dds_jax"])')
-MACHINE_PATH = re.compile(r"/work/|/tmp/|/root/|/home/")
+MACHINE_PATH = re.compile(r"/(work|tmp|root|home)/")  # no machine paths
 
 
 def _read(name):

@@ -12,7 +12,7 @@ Args after ':' (comma separated): `small` (seconds: for tests and CI),
 ascent), `method=gaussian|smoothadv|macer`, `ds` (train with per-sample sigma). Example:
 
   python -m launch.run --config=dds_jax/configs/digits.py:small,sigma=0.5 \
-      --workdir=/tmp/digits
+      --workdir=runs/digits_sigma05
 """
 
 from dds_jax.configs import common
