@@ -29,10 +29,10 @@ case $step in
   certify_fixed_*)
     "$PY" -m launch.certify --config="$cfg" --workdir="$out/$run/fixed" \
       --config.certify.checkpoint="$out/$run/export" \
-      --config.sigma_opt.enabled=False --config.memory.enabled=False "${common[@]}" ;;
+      --config.certify.sigma_method=fixed --config.certify.soundness=none "${common[@]}" ;;
   certify_ds_*)
     "$PY" -m launch.certify --config="$cfg" --workdir="$out/$run/ds" \
       --config.certify.checkpoint="$out/$run/export" \
-      --config.sigma_opt.enabled=True --config.memory.enabled=True "${common[@]}" ;;
+      --config.certify.sigma_method=ascent --config.certify.soundness=memory "${common[@]}" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

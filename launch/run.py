@@ -2,7 +2,7 @@ r"""The main job: train, certify, analyze.
 
   python -m launch.run --config=dds_jax/configs/digits.py --workdir=runs/digits
 
-With `config.sigma_opt.enabled` (digits.py's default) it certifies twice and
+With a data-dependent `config.certify.sigma_method` (digits.py's default) it certifies twice and
 prints fixed sigma, data-dependent sigma, and data-dependent sigma with the
 memory side by side: --workdir/fixed and --workdir/ds hold each run's
 certify.tsv and summary.json, --workdir/comparison.md the table and
@@ -28,7 +28,7 @@ def main(argv):
     header = (f"\nCertified accuracy ({config.data.name}, sigma0="
               f"{config.noise.sigma:g}, N={config.certify.n}, alpha="
               f"{config.certify.alpha}; files in {workdir}):\n")
-    if config.sigma_opt.enabled:
+    if config.certify.sigma_method != "fixed":
       _, text = evaluate.compare_fixed_and_ds(config, workdir)
     else:
       summary = evaluate.certify_dataset(config, workdir)

@@ -79,11 +79,11 @@ def get_config(arg=None):
   c.certify.batch_size = 1000
   c.certify.examples_per_call = 10
   c.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-  c.sigma_opt.enabled = args["ds"]
+  c.certify.sigma_method = "ascent" if args["ds"] else "fixed"
+  c.certify.soundness = "memory" if args["ds"] else "none"
   c.sigma_opt.steps = 100
   c.sigma_opt.lr = 1e-4
   c.sigma_opt.num_samples = 1
-  c.memory.enabled = args["ds"]
 
   c.ckpt.every_steps = 1000
   if args["small"]:

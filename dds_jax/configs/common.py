@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import ml_collections
 
+from dds_jax import validate as validate_lib
 from dds_jax.errors import ConfigError
+from dds_jax.models import MODEL_NAMES
 
-MODEL_NAMES = ("small_cnn", "resnet18", "resnet50", "cifar_resnet110",
-               "cifar_resnet20", "ddrs_resnet18")
 SCHEDULES = ("constant", "step", "cosine")
 SIGMA_OPTIMIZERS = ("ascent", "sgd", "adam")
 METHODS = ("gaussian", "smoothadv", "macer")
+
+# How a test set is certified: three independent choices (`certify.*`).
+PROCEDURES = ("cohen",)                    # Cohen's fixed-N CERTIFY
+SIGMA_METHODS = ("fixed", "ascent", "file")  # how sigma is chosen per input
+SOUNDNESS = ("none", "memory")             # how a data-dependent one is sound
+
+# Keys that were replaced: old configs fail with a message naming the new key.
+RENAMED_KEYS = {
+    "sigma_opt.enabled": "certify.sigma_method ('fixed' | 'ascent'; "
+                         "'file' reads sigma_opt.sigma_file)",
+    "memory.enabled": "certify.soundness ('none' | 'memory')",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -90,9 +102,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
   c.certify.checkpoint = ""       # a parameters-only export dir ("" = workdir)
   c.certify.resume = True         # continue an interrupted run of this config
+  c.certify.procedure = "cohen"   # cohen: Cohen's CERTIFY, n0 + n draws
+  c.certify.sigma_method = "fixed"  # fixed (noise.sigma) | ascent (sigma_opt.*)
+                                    # | file (sigma_opt.sigma_file)
+  c.certify.soundness = "none"    # none | memory (memory.*): makes a
+                                  # data-dependent sigma's certificates sound
+  c.certify.check_full_invariant = False  # memory: re-check every stored
+                                          # pair at the end (O(k^2))
 
-  c.sigma_opt = ml_collections.ConfigDict()
-  c.sigma_opt.enabled = False     # data-dependent sigma at certification
+  c.sigma_opt = ml_collections.ConfigDict()  # certify.sigma_method = ascent
   c.sigma_opt.steps = 100         # paper: K = 100
   c.sigma_opt.lr = 1e-4           # paper: 1e-4
   c.sigma_opt.num_samples = 1     # m noise draws per step
@@ -100,14 +118,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.sigma_opt.sigma_min = 0.01    # floor of sigma (> 0)
   c.sigma_opt.optimizer = "ascent"  # ascent (paper) | sgd | adam (optax)
   c.sigma_opt.examples_per_device = 8
-  c.sigma_opt.sigma_file = ""     # reuse a saved sigma.tsv (idx, sigma)
+  c.sigma_opt.sigma_file = ""     # sigma_method = file: a sigma.tsv (idx, sigma)
 
-  c.memory = ml_collections.ConfigDict()
-  c.memory.enabled = False        # apply the memory rule (needs sigma_opt)
+  c.memory = ml_collections.ConfigDict()  # certify.soundness = memory
   c.memory.path = ""              # "" = <results dir>/memory.sqlite
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.num_devices = 0          # 0 = all local devices
+  c.mesh.num_devices = 0          # certification and sigma: 0 = all devices
+  c.mesh.train_devices = 0        # training: 0 = auto (1 on a CPU-only host,
+                                  # where 2 were slower; else all devices)
+  c.mesh.host_devices = 0         # XLA CPU devices the launchers create before
+                                  # JAX starts: 0 = one per core; -1 = leave
+                                  # XLA's default (one device)
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 500
@@ -152,6 +174,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks keys against the schema and values for sense; returns config."""
   def check_keys(have, want, prefix=""):
     for k in have.keys():
+      if f"{prefix}{k}" in RENAMED_KEYS:
+        raise ConfigError(f"config key {prefix}{k} was replaced by "
+                          f"{RENAMED_KEYS[prefix + k]}")
       if k not in want:
         raise ConfigError(f"unknown config key {prefix}{k!r}; known keys: "
                           f"{sorted(want.keys())}")
@@ -172,8 +197,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.model.num_classes >= 2, "model.num_classes must be >= 2")
   need(not config.model.conv_features or config.model.name == "small_cnn",
        "model.conv_features applies to small_cnn only")
-  need(config.noise.kind in ("gaussian", "uniform"),
-       f"noise.kind={config.noise.kind!r}; expected gaussian or uniform")
+  need(config.noise.kind in validate_lib.NOISE_KINDS,
+       f"noise.kind={config.noise.kind!r}; expected one of "
+       f"{validate_lib.NOISE_KINDS}")
   need(config.noise.sigma > 0, f"noise.sigma must be > 0; got "
        f"{config.noise.sigma}")  # NaN fails too
   need(config.train.method in METHODS,
@@ -202,11 +228,25 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"n0={c.n0}, n={c.n}")
   need(0 < c.alpha < 1, f"certify.alpha must be in (0, 1); got {c.alpha}")
   need(c.skip >= 1, f"certify.skip must be >= 1; got {c.skip}")
-  need(c.samples_per_block >= 1 and c.batch_size % c.samples_per_block == 0,
-       f"certify.batch_size ({c.batch_size}) must be a positive multiple of "
-       f"certify.samples_per_block ({c.samples_per_block})")
+  need(c.samples_per_block >= 1 and c.batch_size >= c.samples_per_block,
+       f"certify.batch_size ({c.batch_size}) must be >= "
+       f"certify.samples_per_block ({c.samples_per_block}) >= 1")
+  need(c.procedure in PROCEDURES, f"certify.procedure={c.procedure!r}; "
+       f"expected one of {PROCEDURES}")
+  need(c.sigma_method in SIGMA_METHODS, f"certify.sigma_method="
+       f"{c.sigma_method!r}; expected one of {SIGMA_METHODS}")
+  need(c.soundness in SOUNDNESS, f"certify.soundness={c.soundness!r}; "
+       f"expected one of {SOUNDNESS}")
+  need(c.soundness == "none" or c.sigma_method != "fixed",
+       f"certify.soundness={c.soundness!r} needs a data-dependent "
+       "certify.sigma_method: with a fixed sigma Cohen's certificates are "
+       "sound as they are")
+  need(c.sigma_method != "file" or bool(config.sigma_opt.sigma_file),
+       "certify.sigma_method='file' needs sigma_opt.sigma_file")
   need(c.examples_per_call >= 1, "certify.examples_per_call must be >= 1")
-  need(config.mesh.num_devices >= 0, "mesh.num_devices must be >= 0")
+  need(config.mesh.num_devices >= 0 and config.mesh.train_devices >= 0,
+       "mesh.num_devices and mesh.train_devices must be >= 0")
+  need(config.mesh.host_devices >= -1, "mesh.host_devices must be >= -1")
   so = config.sigma_opt
   need(so.optimizer in SIGMA_OPTIMIZERS, f"sigma_opt.optimizer="
        f"{so.optimizer!r}; expected one of {SIGMA_OPTIMIZERS}")

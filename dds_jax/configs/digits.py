@@ -66,12 +66,12 @@ def get_config(arg=None):
   # Data-dependent sigma with the memory. The paper's lr = 1e-4 moves sigma
   # by ~0.01 in 100 steps on this small model; lr = 0.01 with m = 16 draws
   # per step lets it move (mean |sigma - sigma0| ~0.05).
-  c.sigma_opt.enabled = True
+  c.certify.sigma_method = "ascent"
+  c.certify.soundness = "memory"
   c.sigma_opt.steps = 100
   c.sigma_opt.lr = args["sigma_lr"]
   c.sigma_opt.num_samples = 16
   c.sigma_opt.examples_per_device = 40
-  c.memory.enabled = True
 
   c.ckpt.every_steps = 500
   if args["small"]:
