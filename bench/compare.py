@@ -244,7 +244,7 @@ class _Case:
       return jax.vmap(one)(x, sigma, ids, blocks)
 
     args = (self.key, jnp.asarray(np.resize(self.x, (p,) + _SHAPE)),
-            jnp.full((p,), _SIGMA, jnp.float32), jnp.zeros((p,), jnp.int32),
+            jnp.full((p,), _SIGMA, jnp.float32), jnp.zeros((p, 2), jnp.uint32),
             jnp.arange(p, dtype=jnp.int32))
     jax.block_until_ready(gen(*args))
     return lambda: gen(*args)

@@ -91,6 +91,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dds_jax import losses
+from dds_jax import models
+from dds_jax import noise as noise_lib
 from dds_jax import sampler
 from dds_jax import sigma_opt as sigma_opt_lib
 from dds_jax import train as train_lib
@@ -247,7 +249,7 @@ class _Trainer:
                           self.batch, c['ds'])
     tc = self.config.train
     self.num_noise = tc.num_noise
-    self.bundle = train_lib.build_model(self.config, c['shape'], training=True)
+    self.bundle = models.build_from_config(self.config, c['shape'], training=True)
     tx = train_lib.make_optimizer(tc, steps_per_epoch=_TABLE_SIZE // self.batch)
     self.step = train_lib.make_train_step(self.bundle, tx, self.config,
                                           ds_active=c['ds'] is not None)
@@ -271,7 +273,7 @@ class _Trainer:
               np.float32),
           labels=rng.integers(0, self.config.model.num_classes,
                               self.batch).astype(np.int32),
-          example_ids=ids.astype(np.int64),
+          id_words=noise_lib.id_words(ids),
           mask=np.ones(self.batch, bool),
           pos=ids.astype(np.int32)))
     self.calls = 0

@@ -10,7 +10,8 @@ Where things happen:
 from dds_jax.certify import Certificate, certify, predict
 from dds_jax.errors import (CheckpointError, ConfigError, DataError, DdsError,
                             InputError)
-from dds_jax.sampler import make_mesh, sample_counts
+from dds_jax.distributed import make_mesh
+from dds_jax.sampler import sample_counts
 from dds_jax.stats import (ABSTAIN, binom_pvalue, certificate_from_counts,
                            lower_confidence_bound, prediction_from_counts,
                            radius_from_p_lower)

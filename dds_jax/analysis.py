@@ -44,9 +44,12 @@ import tempfile
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
-from scipy import special
 
 from dds_jax import errors
+# The two-sided exact interval of a certified accuracy k / n: defined in
+# `dds_jax.stats` next to the one-sided bound of CERTIFY (one formula for
+# both), and public here too.
+from dds_jax.stats import clopper_pearson_interval
 
 PathLike = Union[str, os.PathLike]
 
@@ -380,50 +383,6 @@ def certified_accuracy(radius: Any, correct: Any, radii: Any) -> np.ndarray:
   # Number of correct rows with radius >= r.
   count = certified.size - np.searchsorted(certified, radii, side='left')
   return count / radius.size
-
-
-def clopper_pearson_interval(
-    k: Any, n: Any, level: float = 0.95) -> tuple[Any, Any]:
-  """Two-sided exact (Clopper-Pearson) interval of a binomial proportion.
-
-  Args:
-    k: successes (int or array of ints), 0 <= k <= n.
-    n: trials (int or array, broadcast with `k`), n >= 1.
-    level: confidence level in (0, 1).
-
-  Returns:
-    (lo, hi): floats for scalar inputs, else float64 arrays of the broadcast
-    shape. lo = Beta(k, n - k + 1) quantile at (1 - level) / 2, 0 where
-    k == 0; hi = Beta(k + 1, n - k) quantile at (1 + level) / 2, 1 where
-    k == n (`scipy.special.betaincinv`, the same as `scipy.stats.beta.ppf`
-    without importing scipy.stats).
-
-  Raises:
-    InputError: on non-integer counts, k outside [0, n], n < 1 or a bad level.
-  """
-  if not 0.0 < level < 1.0:
-    raise errors.InputError(f'level must be in (0, 1), got {level}')
-  k_arr = np.asarray(k)
-  n_arr = np.asarray(n)
-  for name, a in (('k', k_arr), ('n', n_arr)):
-    if a.dtype.kind not in 'iuf' or (
-        a.dtype.kind == 'f' and not np.all(a == np.round(a))):
-      raise errors.InputError(f'{name} must hold integers, got {a!r}')
-  k_arr, n_arr = np.broadcast_arrays(k_arr.astype(np.float64),
-                                     n_arr.astype(np.float64))
-  if np.any(n_arr < 1) or np.any(k_arr < 0) or np.any(k_arr > n_arr):
-    raise errors.InputError(f'need 0 <= k <= n and n >= 1, got k={k}, n={n}')
-  alpha = 1.0 - level
-  # Substitute valid shape parameters where the bound is fixed (k=0 / k=n).
-  lo = np.where(k_arr == 0, 0.0,
-                special.betaincinv(np.maximum(k_arr, 1), n_arr - k_arr + 1,
-                                  alpha / 2))
-  hi = np.where(k_arr == n_arr, 1.0,
-                special.betaincinv(k_arr + 1, np.maximum(n_arr - k_arr, 1),
-                                  1 - alpha / 2))
-  if lo.ndim == 0:
-    return float(lo), float(hi)
-  return lo, hi
 
 
 def _correct_for(columns: Mapping[str, Any], predict_key: str,

@@ -22,7 +22,7 @@ import numpy as np
 from dds_jax import noise as noise_lib
 from dds_jax import sampler
 from dds_jax import stats
-from dds_jax.errors import InputError
+from dds_jax import validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +37,6 @@ class Certificate:
   sigma: np.ndarray
   counts0: np.ndarray
   counts: np.ndarray
-
-
-def check_alpha(alpha) -> float:
-  if not (isinstance(alpha, (int, float, np.floating)) and 0.0 < alpha < 1.0):
-    raise InputError(f"alpha must be in (0, 1); got {alpha!r}")
-  return float(alpha)
 
 
 def certify(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
@@ -63,6 +57,8 @@ def certify(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
     x: [B, H, W, C] images in [0, 1].
     sigma: scalar or [B] noise level (> 0).
     key: PRNG key; selection and estimation use independent streams of it.
+      Without example_ids each image's noise is keyed by a hash of its
+      content, so separate calls on different images draw different noise.
     n0: draws to select the top class.
     n: draws to estimate its probability.
     alpha: failure probability of each certificate.
@@ -73,11 +69,11 @@ def certify(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
   Returns:
     A `Certificate`; radius is an L2 radius for gaussian noise, L1 for uniform.
   """
-  n0 = sampler.check_count(n0, "n0")
-  n = sampler.check_count(n, "n")
-  alpha = check_alpha(alpha)
-  x = sampler.check_images(x, allow_empty=jax.process_count() > 1)
-  sigma = sampler.check_sigma(sigma, x.shape[0])
+  n0 = validate.check_count(n0, "n0")
+  n = validate.check_count(n, "n")
+  alpha = validate.check_alpha(alpha)
+  x = validate.check_images(x, allow_empty=jax.process_count() > 1)
+  sigma = validate.check_sigma(sigma, x.shape[0])
   # Selection (n0) and estimation (n) draws are independent noise streams;
   # one sampler pass packs both into the same device batches.
   counts0, counts = sampler.sample_streams(
@@ -106,8 +102,8 @@ def predict(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
   The top class is returned when the two-sided binomial test of n1 out of
   n1 + n2 at p = 1/2 has p-value <= alpha (n1 >= n2 the top two counts).
   """
-  n = sampler.check_count(n, "n")
-  alpha = check_alpha(alpha)
+  n = validate.check_count(n, "n")
+  alpha = validate.check_alpha(alpha)
   counts = sampler.sample_counts(
       apply_fn, params, x, sigma, key, n, num_classes=num_classes,
       batch_size=batch_size, example_ids=example_ids,

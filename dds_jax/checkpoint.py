@@ -87,7 +87,7 @@ class Checkpointer:
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
-                            f"damaged: {type(e).__name__}: {e}") from None
+                            f"damaged: {type(e).__name__}: {e}") from e
     return dict(out["meta"])
 
   def restore(self, params_like, opt_state_like=None,
@@ -135,7 +135,7 @@ class Checkpointer:
       raise CheckpointError(
           f"checkpoint step {step} in {self.directory} cannot be restored "
           f"into this model (wrong model or config, or a damaged file): "
-          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
     result = {"params": out["params"], "meta": dict(out["meta"]), "step": step}
     if opt_state_like is not None:
       result["opt_state"] = out["opt_state"] if want_opt else opt_state_like
@@ -205,10 +205,43 @@ def load_exported(directory: str, params_like) -> tuple[Any, dict[str, Any]]:
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"exported parameters at {directory} cannot be read "
                           f"into this model: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:300]}") from None
+                          f"{str(e).splitlines()[0][:300]}") from e
   return params, meta
 
 
 def _bad_shape(a, t):
   raise CheckpointError(f"exported array of shape {np.shape(a)} does not fit "
                         f"the model's {tuple(t.shape)}")
+
+
+def restore_params(config, workdir: str, image_shape, mesh=None):
+  """The model of a dds_jax config and its trained variables.
+
+  From the parameters-only export at `config.certify.checkpoint` when set,
+  else from `<workdir>/checkpoints` (replicated over `mesh`, default: the
+  certification mesh of `config.mesh.num_devices`).
+
+  Returns:
+    (models.ModelBundle, variables).
+  """
+  from dds_jax import distributed  # pylint: disable=g-import-not-at-top
+  from dds_jax import models  # pylint: disable=g-import-not-at-top
+  from dds_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  bundle = models.build_from_config(config, image_shape)
+  template = jax.eval_shape(bundle.init, jax.random.key(0))
+  if config.certify.checkpoint:
+    params, meta = load_exported(config.certify.checkpoint, template)
+  else:
+    ckpt = Checkpointer(workdir, create=False)
+    meta = ckpt.read_meta()
+    params = None
+  if meta.get("model") != config.model.name:
+    where = config.certify.checkpoint or workdir
+    raise ConfigError(f"the checkpoint in {where} is of model "
+                      f"{meta.get('model')!r}, not {config.model.name!r}")
+  if params is None:
+    mesh = mesh or distributed.make_mesh(config.mesh.num_devices or None)
+    params = ckpt.restore(template, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))["params"]
+    ckpt.close()
+  return bundle, params

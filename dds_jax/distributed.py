@@ -29,9 +29,11 @@ from typing import Any, Optional
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from dds_jax.errors import ConfigError, DdsError
+from dds_jax.errors import ConfigError, DdsError, InputError
+
+DATA_AXIS = "data"  # the one mesh axis: examples / noise blocks / batches
 
 
 class DistributedError(DdsError):
@@ -75,6 +77,33 @@ def initialize(coordinator_address: Optional[str] = None,
     raise DistributedError(
         f"jax.distributed.initialize failed: {type(e).__name__}: "
         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+
+
+def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
+  """A 1-D mesh with a `data` axis over the first `num_devices` devices.
+
+  Auto axis types: make_mesh's default Explicit axes break a vmapped
+  `norm.ppf`, and we shard by hand with shard_map where it matters anyway.
+  With several processes (`dds_jax.distributed`) the mesh spans every device
+  of every process, ordered by process, so each process's devices hold a
+  contiguous range of rows.
+  """
+  devices = jax.devices()
+  num_devices = num_devices or len(devices)
+  if not 1 <= num_devices <= len(devices):
+    raise InputError(f"num_devices={num_devices}, but {len(devices)} "
+                     f"device(s) are available")
+  if jax.process_count() > 1:
+    if num_devices != len(devices):
+      raise InputError(f"num_devices={num_devices}: a multi-host mesh spans "
+                       f"all {len(devices)} devices of the "
+                       f"{jax.process_count()} processes (use 0)")
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return jax.sharding.Mesh(np.array(devices), (DATA_AXIS,),
+                             axis_types=(AxisType.Auto,))
+  return jax.make_mesh((num_devices,), (DATA_AXIS,),
+                       axis_types=(AxisType.Auto,),
+                       devices=devices[:num_devices])
 
 
 def process_index() -> int:

@@ -1,22 +1,31 @@
 """Certifying a test set: what `launch.certify` and `launch.run` run.
 
 `certify_dataset(config, workdir)` restores the trained model from
-`<workdir>/checkpoints`, selects test examples (Cohen's skip/max) and
-certifies them `certify.examples_per_call` at a time:
+`<workdir>/checkpoints` (or `certify.checkpoint`), selects test examples
+(Cohen's skip/max) and certifies them `certify.examples_per_call` at a time.
+The three choices of `certify.*` (see `dds_jax.configs.common`):
 
-  1. sigma: `noise.sigma` (fixed), or with `sigma_opt.enabled` the per-input
-     sigma from `dds_jax.sigma_opt.optimize_sigma` started at `noise.sigma`
-     (or read from `sigma_opt.sigma_file`), saved to `sigma.tsv`;
-  2. Monte Carlo certification at that sigma (`dds_jax.certify.certify`);
-  3. with `memory.enabled`, the memory rule in query order through the
-     persistent store (`dds_jax.memory.MemoryStore`): columns `predict_mem`,
-     `radius_mem`, `changed`.
+  * `procedure`: 'cohen', Cohen's CERTIFY (`dds_jax.certify.certify`);
+  * `sigma_method`: 'fixed' (`noise.sigma`), 'ascent' (per-input sigma from
+    `dds_jax.sigma_opt.optimize_sigma` started at `noise.sigma`, saved to
+    `sigma.tsv`) or 'file' (read from `sigma_opt.sigma_file`);
+  * `soundness`: 'none', or 'memory': the memory rule in query order through
+    the persistent store (`_memory_rule` -> `dds_jax.memory.MemoryStore`):
+    columns `predict_mem`, `radius_mem`, `changed`.
 
 After each call it rewrites `certify.tsv` atomically (Cohen's columns `idx
 label predict radius correct time`, plus `sigma p_lower` and the memory
-columns). At the end it writes `summary.json` (certified accuracy with 95%
-intervals, ACR, abstain rate, samples/s, wall time, memory size k and the union
-bound k * alpha, provenance) and `certified_accuracy.png`.
+columns); floats are written in their shortest exact form, so the file read
+back holds the issued radii. At the end it writes `summary.json` (certified
+accuracy with 95% intervals, ACR, abstain rate, this run's samples/s and wall
+time, memory size k and the union bound k * alpha, provenance) and
+`certified_accuracy.png`.
+
+An interrupted run resumes: `certify_state.json` records the config hash,
+the noise version and the store's size at the start; a rerun of the same
+config continues after the last row of `certify.tsv`, and the certificates
+the killed run had committed to the store but not yet to the TSV are found
+by example id and reused, never inserted twice.
 
 `time` in the TSV is the wall time of the example's call divided by the
 examples in it (the sampler certifies several examples per device batch).
@@ -28,6 +37,7 @@ dependent sigma and data-dependent sigma with memory side by side.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,18 +47,18 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from dds_jax import analysis
+from dds_jax import checkpoint as ckpt_lib
 from dds_jax import data as data_lib
 from dds_jax import distributed
 from dds_jax import memory as memory_lib
 from dds_jax import models
+from dds_jax import noise as noise_lib
 from dds_jax import progress as progress_lib
 from dds_jax import provenance
-from dds_jax import sampler
 from dds_jax import sigma_opt as sigma_opt_lib
-from dds_jax import train as train_lib
+from dds_jax import validate
 from dds_jax.certify import certify
 from dds_jax.configs import common
 from dds_jax.errors import ConfigError
@@ -58,15 +68,14 @@ SIGMA_TSV = "sigma.tsv"
 SUMMARY = "summary.json"
 PLOT = "certified_accuracy.png"
 MEMORY = "memory.sqlite"
+STATE = "certify_state.json"
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "sigma",
            "p_lower")
 MEMORY_COLUMNS = ("predict_mem", "radius_mem", "changed")
-
-
-def _optax_optimizer(so) -> Optional[optax.GradientTransformation]:
-  if so.optimizer == "ascent":
-    return None
-  return {"sgd": optax.sgd, "adam": optax.adam}[so.optimizer](so.lr)
+SIGMA_COLUMNS = ("idx", "sigma0", "sigma", "nonfinite_steps")
+INT_COLUMNS = ("idx", "label", "predict", "correct", "predict_mem", "changed",
+               "nonfinite_steps")
+PENDING = ("pred", "radius", "raw_pred", "changed")
 
 
 def _read_sigma_file(path: str, ids: np.ndarray) -> np.ndarray:
@@ -79,28 +88,52 @@ def _read_sigma_file(path: str, ids: np.ndarray) -> np.ndarray:
   return np.array([table[int(i)] for i in ids], np.float64)
 
 
-STATE = "certify_state.json"
-
-
 def _config_hash(config) -> str:
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Resume: what an interrupted run of the same config left behind.
+# ---------------------------------------------------------------------------
+
+
+def _no_pending() -> dict[str, Any]:
+  return {}  # example id -> {pred, radius, raw_pred, changed}
+
+
+def _pending_memory(store, since_row: int, ids) -> dict[int, dict]:
+  """Certificates of `ids` a killed run committed after store row since_row.
+
+  Keyed by example id, so rows other runs added to a shared store in the
+  meantime are skipped. Where an id was stored more than once after
+  since_row (two runs of one config on one store), the first is taken.
+  """
+  rec = store.records()
+  wanted = {int(i) for i in ids}
+  out = {}
+  for j in np.nonzero(rec["id"] > since_row)[0]:
+    e = rec["example_id"][j]
+    if e is not None and int(e) in wanted and int(e) not in out:
+      out[int(e)] = {n: rec[n][j] for n in PENDING}
+  return out
 
 
 def _resume_state(config, out_dir: str, ds, store) -> dict[str, Any]:
   """What an earlier, interrupted run of the same config left in out_dir.
 
-  A run records its config hash and the memory store's size at its start in
-  certify_state.json. A later run with the same config continues after the
-  last example in certify.tsv; certificates the killed run committed to the
-  store but had not yet written to the TSV are returned as pending.
+  A run records its config hash, the noise version and the memory store's
+  size at its start in certify_state.json. A later run with the same config
+  continues after the last example in certify.tsv; certificates the killed
+  run committed to the store but had not yet written to the TSV are returned
+  as pending, keyed by example id.
   """
   path = os.path.join(out_dir, STATE)
   fresh = {"config_hash": _config_hash(config),
+           "noise_version": noise_lib.NOISE_VERSION,
            "num_examples": len(ds),
            "store_rows_before": len(store) if store is not None else 0}
   empty = {"done": 0, "rows": None, "sigma_rows": None,
-           "pending_memory": {n: np.zeros(0) for n in
-                              ("pred", "radius", "raw_pred", "changed")}}
+           "pending_memory": _no_pending()}
   old = None
   if config.certify.resume and os.path.exists(path):
     with open(path) as f:
@@ -110,6 +143,13 @@ def _resume_state(config, out_dir: str, ds, store) -> dict[str, Any]:
       not os.path.exists(tsv)):
     analysis.write_text(path, json.dumps(fresh, indent=2) + "\n")
     return empty
+  version = old.get("noise_version", 1)
+  if version != noise_lib.NOISE_VERSION:
+    raise ConfigError(
+        f"{out_dir} holds a run certified with noise version {version}; this "
+        f"dds_jax draws noise version {noise_lib.NOISE_VERSION}, and a resumed "
+        "run would mix the two: move the directory away or set "
+        "--config.certify.resume=False")
   rows = analysis.read_tsv(tsv)
   done = len(rows["idx"])
   if not np.array_equal(rows["idx"], ds.example_ids[:done]):
@@ -120,20 +160,12 @@ def _resume_state(config, out_dir: str, ds, store) -> dict[str, Any]:
                 if os.path.exists(sigma_path) else None)
   out = dict(empty, done=done, rows=rows, sigma_rows=sigma_rows)
   if store is not None:
-    rec = store.records()
-    first = old["store_rows_before"] + done
-    out["pending_memory"] = {"pred": rec["pred"][first:],
-                             "radius": rec["radius"][first:],
-                             "raw_pred": rec["raw_pred"][first:],
-                             "changed": rec["changed"][first:]}
+    out["pending_memory"] = _pending_memory(
+        store, old["store_rows_before"], ds.example_ids[done:])
   return out
 
 
-INT_COLUMNS = ("idx", "label", "predict", "correct", "predict_mem", "changed",
-               "nonfinite_steps")
-
-
-def _shared_resume_state(config, out_dir, ds, store, names, sigma_names):
+def _shared_resume_state(config, out_dir, ds, store, names):
   """`_resume_state` read by process 0, the same on every process."""
   state = None
   if distributed.is_main():
@@ -152,12 +184,187 @@ def _shared_resume_state(config, out_dir, ds, store, names, sigma_names):
   done, has_sigma = (int(v) for v in distributed.broadcast(head))
   rows = distributed.broadcast(columns(state and state["rows"], names, done))
   sigma_rows = distributed.broadcast(columns(
-      state and state["sigma_rows"], sigma_names, done)) if has_sigma else None
+      state and state["sigma_rows"], SIGMA_COLUMNS, done)) if has_sigma else None
   if state is None:  # another process: the memory is process 0's business
-    state = {"pending_memory": {n: np.zeros(0) for n in
-                                ("pred", "radius", "raw_pred", "changed")}}
+    state = {"pending_memory": _no_pending()}
   return dict(state, done=done, rows=rows if done else None,
               sigma_rows=sigma_rows)
+
+
+# ---------------------------------------------------------------------------
+# The run: model and data, sigma, certificates, memory, result files.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+  """What every call of a certification run shares."""
+  config: ml_collections.ConfigDict
+  out_dir: str
+  ds: Any                 # the selected test examples
+  bundle: models.ModelBundle
+  params: Any             # replicated over mesh
+  mesh: jax.sharding.Mesh
+  key: jax.Array
+  store: Optional[memory_lib.MemoryStore]  # process 0 with the memory only
+  sigma_optimizer: Any = None
+
+
+def _load(config, workdir, out_dir, params, bundle) -> _Run:
+  """Model, data, mesh and (with the memory, on process 0) the store."""
+  cc = config.certify
+  test_ds = data_lib.load_split(config, config.data.test_split)
+  data_lib.check_fits(config, test_ds)
+  ds = data_lib.select(test_ds, cc.skip, cc.max)
+  mesh = distributed.make_mesh(config.mesh.num_devices or None)
+  if bundle is None or params is None:
+    bundle, params = ckpt_lib.restore_params(config, workdir,
+                                             test_ds.image_shape, mesh)
+  params = distributed.replicate(params, mesh)
+  store = None  # the memory lives on process 0 alone
+  if cc.soundness == "memory" and distributed.is_main():
+    store = memory_lib.MemoryStore(
+        config.memory.path or os.path.join(out_dir, MEMORY),
+        input_shape=ds.image_shape, dataset=f"{ds.name}:{ds.split}",
+        model_fingerprint=models.fingerprint(params, config.model.name),
+        norm=validate.norm_of(config.noise.kind), alpha=cc.alpha)
+    if len(store):
+      print(f"memory store {store.path} holds {len(store)} certificates from "
+            "earlier queries; new ones are checked against them", flush=True)
+  optimizer = sigma_opt_lib.make_optimizer(config.sigma_opt.optimizer,
+                                           float(config.sigma_opt.lr))
+  return _Run(config, out_dir, ds, bundle, params, mesh,
+              jax.random.key(config.seed), store, optimizer)
+
+
+def _choose_sigma(run: _Run, part, mine, sigma_rows) -> np.ndarray:
+  """This process's sigmas for its slice `mine` of the call `part`."""
+  config, so = run.config, run.config.sigma_opt
+  sigma0 = float(config.noise.sigma)
+  method = config.certify.sigma_method
+  if method == "fixed":
+    return np.full(len(mine), sigma0)
+  if method == "file":
+    return _read_sigma_file(so.sigma_file, mine.example_ids)
+  sigma, info = sigma_opt_lib.optimize_sigma(
+      run.bundle.apply_fn, run.params, mine.images, sigma0, run.key,
+      steps=so.steps, lr=so.lr, num_samples=so.num_samples,
+      clip=tuple(so.clip), sigma_min=so.sigma_min, noise=config.noise.kind,
+      optimizer=run.sigma_optimizer, example_ids=mine.example_ids,
+      examples_per_device=so.examples_per_device, mesh=run.mesh,
+      return_info=True)
+  sigma_rows["nonfinite_steps"] += distributed.gather_rows(
+      info.nonfinite_steps).tolist()
+  sigma_rows["idx"] += part.example_ids.tolist()
+  sigma_rows["sigma0"] += [sigma0] * len(part)
+  sigma_rows["sigma"] += distributed.gather_rows(sigma).tolist()
+  if distributed.is_main():
+    analysis.write_tsv(os.path.join(run.out_dir, SIGMA_TSV), sigma_rows,
+                       float_format=None)
+  return sigma
+
+
+def _certify_call(run: _Run, mine, sigma) -> dict[str, np.ndarray]:
+  """Cohen's CERTIFY of this process's examples, gathered in global order."""
+  cc, config = run.config.certify, run.config
+  local = certify(
+      run.bundle.apply_fn, run.params, mine.images, sigma, run.key, n0=cc.n0,
+      n=cc.n, alpha=cc.alpha, batch_size=cc.batch_size,
+      num_classes=config.model.num_classes, example_ids=mine.example_ids,
+      samples_per_block=cc.samples_per_block, noise=config.noise.kind,
+      mesh=run.mesh)
+  return {name: distributed.gather_rows(getattr(local, name))
+          for name in ("pred", "radius", "p_lower", "sigma")}
+
+
+def _memory_rule(store, part, cert, pending):
+  """The memory rule on one call's certificates, in query order (process 0).
+
+  This is where the memory is consulted when a test set is certified.
+  Certificates a killed run committed but did not write to the TSV are in the
+  store already (`pending`, by example id): they are taken from there instead
+  of being inserted twice. They are a prefix of the call (the killed run
+  inserted this call's certificates in order, in one transaction).
+
+  Returns:
+    ({preds, radii, changed} of the call, what is still pending).
+  """
+  ids = [int(i) for i in part.example_ids]
+  k = 0
+  while k < len(ids) and ids[k] in pending:
+    k += 1
+  stray = [i for i in ids[k:] if i in pending]
+  if stray:
+    raise ConfigError(
+        f"the memory store holds certificates of examples {stray[:5]} of this "
+        "call but not of the ones before them: it was written by another "
+        "run; use another memory.path or move the results away")
+  old = [pending.pop(i) for i in ids[:k]]
+  for i, rec, raw in zip(ids, old, cert["pred"][:k]):
+    if int(rec["raw_pred"]) != int(raw):
+      raise ConfigError(
+          f"the memory store's certificate of example {i} has class "
+          f"{int(rec['raw_pred'])} before the rule, but this run certified "
+          f"{int(raw)}: the store was written by another configuration; use "
+          "another memory.path or move the results away")
+  preds = [int(r["pred"]) for r in old]
+  radii = [float(r["radius"]) for r in old]
+  changed = [int(r["changed"]) for r in old]
+  if k < len(part):
+    new = store.insert_many(part.images[k:], cert["pred"][k:],
+                            cert["radius"][k:], example_ids=ids[k:])
+    preds += new.preds.tolist()
+    radii += new.radii.tolist()
+    changed += new.changed.astype(np.int64).tolist()
+  mem = {"preds": np.asarray(preds, np.int64),
+         "radii": np.asarray(radii, np.float64),
+         "changed": np.asarray(changed, np.int64)}
+  return mem, pending
+
+
+def _summarize(run: _Run, rows, wall, sigma_time, examples_this_run,
+               store_rows_at_start) -> tuple[dict[str, Any], dict]:
+  """summary.json's content and the curves of the plot."""
+  config, cc = run.config, run.config.certify
+  data_dependent = cc.sigma_method != "fixed"
+  sigma0 = float(config.noise.sigma)
+  summary = analysis.summarize(rows, cc.radii)
+  sig = np.asarray(rows["sigma"])
+  summary.update({
+      "dataset": run.ds.name, "split": run.ds.split,
+      "noise": config.noise.kind, "sigma": sigma0,
+      "procedure": cc.procedure, "sigma_method": cc.sigma_method,
+      "soundness": cc.soundness,
+      "data_dependent_sigma": data_dependent,
+      "sigma_stats": {"mean": float(sig.mean()), "min": float(sig.min()),
+                      "max": float(sig.max()),
+                      "mean_minus_sigma0": float(sig.mean() - sigma0)},
+      "n0": cc.n0, "n": cc.n, "alpha": cc.alpha, "seed": config.seed,
+      "noise_version": noise_lib.NOISE_VERSION,
+      # Timing of this run's own work (a resumed run counts only the
+      # examples it certified itself).
+      "examples_this_run": examples_this_run,
+      "wall_time_s": wall, "sigma_opt_time_s": sigma_time,
+      "samples_per_s": examples_this_run * (cc.n0 + cc.n) / max(
+          wall - sigma_time, 1e-9)})
+  curves = {"data-dependent sigma" if data_dependent else "fixed sigma":
+            (np.asarray(rows["radius"]), np.asarray(rows["correct"]))}
+  if cc.soundness == "memory":
+    mem_summary = analysis.summarize(rows, cc.radii, radius_key="radius_mem",
+                                     predict_key="predict_mem")
+    if run.store is not None:
+      mem_summary.update(run.store.summary(cc.alpha))
+      since = 0 if cc.check_full_invariant else store_rows_at_start
+      mem_summary["invariant_checked_rows_since"] = since
+      mem_summary["invariant_holds"] = bool(
+          run.store.check_invariant(since=since))
+      run.store.close()
+    mem_summary["num_changed_this_run"] = int(np.sum(rows["changed"]))
+    summary["memory"] = mem_summary
+    curves["data-dependent sigma + memory"] = analysis.radius_and_correct(
+        rows, radius_key="radius_mem", predict_key="predict_mem")
+  summary["provenance"] = provenance.collect(config)
+  return summary, curves
 
 
 def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
@@ -176,39 +383,19 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
     The summary written to summary.json.
   """
   common.validate(config)
-  cc, so, mc = config.certify, config.sigma_opt, config.memory
-  if mc.enabled and not so.enabled:
-    raise ConfigError("memory.enabled needs sigma_opt.enabled: with a fixed "
-                      "sigma Cohen's certificates are sound without a memory")
+  cc = config.certify
   out_dir = out_dir or workdir
   os.makedirs(out_dir, exist_ok=True)
-  test_ds = train_lib.load_split(config, config.data.test_split)
-  train_lib.check_dataset_fits(config, test_ds)
-  ds = data_lib.select(test_ds, cc.skip, cc.max)
-  if bundle is None or params is None:
-    bundle, params = train_lib.restore_params(config, workdir,
-                                              test_ds.image_shape)
-  mesh = sampler.make_mesh(config.mesh.num_devices or None)
-  key = jax.random.key(config.seed)
-  sigma0 = float(config.noise.sigma)
-  params = distributed.replicate(params, mesh)
   main = distributed.is_main()
-  store = None  # the memory lives on process 0 alone
-  if mc.enabled and main:
-    store = memory_lib.MemoryStore(
-        mc.path or os.path.join(out_dir, MEMORY),
-        input_shape=ds.image_shape, dataset=f"{ds.name}:{ds.split}",
-        model_fingerprint=models.fingerprint(params, config.model.name),
-        norm=2 if config.noise.kind == "gaussian" else 1, alpha=cc.alpha)
-    if len(store):
-      print(f"memory store {store.path} holds {len(store)} certificates from "
-            "earlier queries; new ones are checked against them", flush=True)
 
-  names = COLUMNS + (MEMORY_COLUMNS if mc.enabled else ())
+  # --- Model, data, store; resume where an interrupted run stopped. -------
+  run = _load(config, workdir, out_dir, params, bundle)
+  ds, store = run.ds, run.store
+  store_rows_at_start = len(store) if store is not None else 0
+  names = COLUMNS + (MEMORY_COLUMNS if cc.soundness == "memory" else ())
   rows = {name: [] for name in names}
-  sigma_rows = {"idx": [], "sigma0": [], "sigma": [], "nonfinite_steps": []}
-  state = _shared_resume_state(config, out_dir, ds, store, names,
-                               tuple(sigma_rows))
+  sigma_rows = {name: [] for name in SIGMA_COLUMNS}
+  state = _shared_resume_state(config, out_dir, ds, store, names)
   done = state["done"]
   if done:
     rows = {n: state["rows"][n].tolist() for n in names}
@@ -218,10 +405,12 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
     if main:
       print(f"resuming certification at example {done} of {len(ds)} "
             f"({os.path.join(out_dir, TSV)})", flush=True)
-  pending_memory = state["pending_memory"]  # committed before a crash
+  pending = state["pending_memory"]  # committed before a crash, by id
   bar = progress_lib.Progress(len(ds), "certify", unit="examples",
                               enabled=main)
   bar.resume_from(done)
+
+  # --- Certify, examples_per_call at a time; the TSV after each call. -----
   start = time.time()
   sigma_time = 0.0
   for lo in range(done, len(ds), cc.examples_per_call):
@@ -229,40 +418,15 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
     # This process's slice of the call; results are gathered in global order.
     mine = part.take(np.arange(len(part))[distributed.split(len(part))])
     t0 = time.time()
-    sigma = np.full(len(mine), sigma0)
-    if so.enabled and so.sigma_file:
-      sigma = _read_sigma_file(so.sigma_file, mine.example_ids)
-    elif so.enabled:
-      sigma, info = sigma_opt_lib.optimize_sigma(
-          bundle.apply_fn, params, mine.images, sigma0, key, steps=so.steps,
-          lr=so.lr, num_samples=so.num_samples, clip=tuple(so.clip),
-          sigma_min=so.sigma_min, noise=config.noise.kind,
-          optimizer=_optax_optimizer(so), example_ids=mine.example_ids,
-          examples_per_device=so.examples_per_device, mesh=mesh,
-          return_info=True)
-      sigma_rows["nonfinite_steps"] += distributed.gather_rows(
-          info.nonfinite_steps).tolist()
-      sigma_rows["idx"] += part.example_ids.tolist()
-      sigma_rows["sigma0"] += [sigma0] * len(part)
-      sigma_rows["sigma"] += distributed.gather_rows(sigma).tolist()
-      if main:
-        analysis.write_tsv(os.path.join(out_dir, SIGMA_TSV), sigma_rows,
-                           float_format=None)
+    sigma = _choose_sigma(run, part, mine, sigma_rows)
     sigma_time += time.time() - t0
-    local = certify(
-        bundle.apply_fn, params, mine.images, sigma, key, n0=cc.n0, n=cc.n,
-        alpha=cc.alpha, batch_size=cc.batch_size,
-        num_classes=config.model.num_classes, example_ids=mine.example_ids,
-        samples_per_block=cc.samples_per_block, noise=config.noise.kind,
-        mesh=mesh)
-    cert = {name: distributed.gather_rows(getattr(local, name))
-            for name in ("pred", "radius", "p_lower", "sigma")}
-    if mc.enabled:
+    cert = _certify_call(run, mine, sigma)
+    if cc.soundness == "memory":
       mem = {"preds": np.zeros(len(part), np.int64),
              "radii": np.zeros(len(part), np.float64),
              "changed": np.zeros(len(part), np.int64)}
       if store is not None:
-        mem, pending_memory = _memory_rule(store, part, cert, pending_memory)
+        mem, pending = _memory_rule(store, part, cert, pending)
       # The rule ran on process 0, in global query order; all hosts agree.
       mem = distributed.broadcast(mem)
       rows["predict_mem"] += mem["preds"].tolist()
@@ -277,37 +441,14 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
     rows["time"] += [per_example] * len(part)
     rows["sigma"] += cert["sigma"].tolist()
     rows["p_lower"] += cert["p_lower"].tolist()
-    if main:
-      analysis.write_tsv(os.path.join(out_dir, TSV), rows)
+    if main:  # shortest exact floats: read back, they are the issued values
+      analysis.write_tsv(os.path.join(out_dir, TSV), rows, float_format=None)
     bar.update(lo + len(part))
   wall = time.time() - start
 
-  summary = analysis.summarize(rows, cc.radii)
-  sig = np.asarray(rows["sigma"])
-  summary.update({
-      "dataset": ds.name, "split": ds.split, "noise": config.noise.kind,
-      "sigma": sigma0, "data_dependent_sigma": bool(so.enabled),
-      "sigma_stats": {"mean": float(sig.mean()), "min": float(sig.min()),
-                      "max": float(sig.max()),
-                      "mean_minus_sigma0": float(sig.mean() - sigma0)},
-      "n0": cc.n0, "n": cc.n, "alpha": cc.alpha, "seed": config.seed,
-      "wall_time_s": wall, "sigma_opt_time_s": sigma_time,
-      "samples_per_s": len(ds) * (cc.n0 + cc.n) / max(wall - sigma_time,
-                                                      1e-9)})
-  curves = {"fixed sigma" if not so.enabled else "data-dependent sigma":
-            (np.asarray(rows["radius"]), np.asarray(rows["correct"]))}
-  if mc.enabled:
-    mem_summary = analysis.summarize(rows, cc.radii, radius_key="radius_mem",
-                                     predict_key="predict_mem")
-    if store is not None:
-      mem_summary.update(store.summary(cc.alpha))
-      mem_summary["invariant_holds"] = bool(store.check_invariant())
-      store.close()
-    mem_summary["num_changed_this_run"] = int(np.sum(rows["changed"]))
-    summary["memory"] = mem_summary
-    curves["data-dependent sigma + memory"] = analysis.radius_and_correct(
-        rows, radius_key="radius_mem", predict_key="predict_mem")
-  summary["provenance"] = provenance.collect(config)
+  # --- Summary, plot. ------------------------------------------------------
+  summary, curves = _summarize(run, rows, wall, sigma_time, len(ds) - done,
+                               store_rows_at_start)
   if main:
     analysis.write_text(os.path.join(out_dir, SUMMARY),
                         json.dumps(summary, indent=2) + "\n")
@@ -316,30 +457,6 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
         title=f"{ds.name} ({len(ds)} test images), N={cc.n}, alpha={cc.alpha}")
   distributed.barrier("certify_dataset done")
   return summary
-
-
-def _memory_rule(store, part, cert, pending):
-  """The memory rule on one call's certificates, in query order (process 0).
-
-  Certificates a killed run committed but did not write to the TSV are in the
-  store already: they are taken from there instead of being inserted twice.
-
-  Returns:
-    ({preds, radii, changed} of the call, what is still pending).
-  """
-  k = min(len(pending["pred"]), len(part))
-  if k:
-    assert np.array_equal(pending["raw_pred"][:k], cert["pred"][:k])
-  parts = [(pending["pred"][:k], pending["radius"][:k], pending["changed"][:k])]
-  if k < len(part):
-    new = store.insert_many(part.images[k:], cert["pred"][k:],
-                            cert["radius"][k:],
-                            example_ids=part.example_ids[k:].tolist())
-    parts.append((new.preds, new.radii, new.changed))
-  preds, radii, changed = (np.concatenate(c) for c in zip(*parts))
-  mem = {"preds": preds.astype(np.int64), "radii": radii.astype(np.float64),
-         "changed": changed.astype(np.int64)}
-  return mem, {n: v[k:] for n, v in pending.items()}
 
 
 def compare_fixed_and_ds(config: ml_collections.ConfigDict,
@@ -352,15 +469,15 @@ def compare_fixed_and_ds(config: ml_collections.ConfigDict,
   """
   fixed_cfg = copy.deepcopy(config)
   with fixed_cfg.unlocked():
-    fixed_cfg.sigma_opt.enabled = False
-    fixed_cfg.memory.enabled = False
+    fixed_cfg.certify.sigma_method = "fixed"
+    fixed_cfg.certify.soundness = "none"
   ds_cfg = copy.deepcopy(config)
   with ds_cfg.unlocked():
-    ds_cfg.sigma_opt.enabled = True
-  bundle, params = None, None
-  test_ds = train_lib.load_split(config, config.data.test_split)
-  bundle, params = train_lib.restore_params(config, workdir,
-                                            test_ds.image_shape)
+    if ds_cfg.certify.sigma_method == "fixed":
+      ds_cfg.certify.sigma_method = "ascent"
+  test_ds = data_lib.load_split(config, config.data.test_split)
+  bundle, params = ckpt_lib.restore_params(config, workdir,
+                                           test_ds.image_shape)
   fixed = certify_dataset(fixed_cfg, workdir, out_dir=os.path.join(
       workdir, "fixed"), params=params, bundle=bundle)
   ds = certify_dataset(ds_cfg, workdir, out_dir=os.path.join(workdir, "ds"),

@@ -43,9 +43,12 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.stats import norm as jnorm
 
 from dds_jax import noise as noise_lib
+from dds_jax import sigma_opt
+from dds_jax import validate
 from dds_jax.errors import InputError
 
 Forward = Callable[[jax.Array], jax.Array]
@@ -78,28 +81,29 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def _per_example_sigma(sigma, batch: int) -> jax.Array:
-  sigma = jnp.asarray(sigma, jnp.float32)
-  if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] != batch):
-    raise InputError(f"sigma must be a scalar or have shape [{batch}]; got "
-                     f"shape {sigma.shape}")
-  return jnp.broadcast_to(sigma, (batch,))
+  """sigma as float32 [batch], checked by `validate.check_sigma`.
 
-
-def _check_count(value, name: str) -> int:
-  if isinstance(value, bool) or int(value) != value or value < 1:
-    raise InputError(f"{name} must be an integer >= 1; got {value!r}")
-  return int(value)
+  A concrete sigma must also be finite and > 0; of a traced one (under jit,
+  where the values are unknown) only the shape is checked.
+  """
+  if isinstance(sigma, jax.core.Tracer):
+    validate.check_sigma(np.ones(jnp.shape(sigma)), batch)   # the shape only
+    return jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (batch,))
+  return jnp.asarray(validate.check_sigma(sigma, batch))
 
 
 def noise_like(key: jax.Array, x: jax.Array, sigma, num_samples: int,
                kind: str = "gaussian") -> jax.Array:
   """The noise the losses add: [B, m, H, W, C], example i scaled by sigma_i.
 
-  Equal to `noise.draw(key, (B, m) + x.shape[1:], 1.0, kind)` times sigma_i,
-  so a test can recompute it.
+  With one key: `noise.draw(key, (B, m) + x.shape[1:], 1.0, kind)` times
+  sigma_i, so a test can recompute it. With one key per example ([B] keys,
+  e.g. `noise.block_key` of each example id, as training uses): example i's
+  draws are `noise.draw(key_i, (m,) + x.shape[1:], 1.0, kind)`, so they do
+  not depend on what else is in the batch.
 
   Args:
-    key: PRNG key.
+    key: a PRNG key, or [B] keys (one per example).
     x: [B, ...] images.
     sigma: [B] (or scalar) noise levels.
     num_samples: m draws per example.
@@ -110,8 +114,15 @@ def noise_like(key: jax.Array, x: jax.Array, sigma, num_samples: int,
   """
   b = x.shape[0]
   sigma = _per_example_sigma(sigma, b)
-  unit = noise_lib.draw(key, (b, num_samples) + tuple(x.shape[1:]),
-                        jnp.float32(1.0), kind)
+  num_samples = validate.check_count(num_samples, "num_samples")
+  if key.ndim == 1:  # one key per example
+    if key.shape[0] != b:
+      raise InputError(f"got {key.shape[0]} keys for {b} examples")
+    unit = jax.vmap(lambda k: noise_lib.draw(
+        k, (num_samples,) + tuple(x.shape[1:]), jnp.float32(1.0), kind))(key)
+  else:
+    unit = noise_lib.draw(key, (b, num_samples) + tuple(x.shape[1:]),
+                          jnp.float32(1.0), kind)
   return sigma.reshape((b,) + (1,) * (unit.ndim - 1)) * unit
 
 
@@ -164,7 +175,7 @@ def gaussian_augmentation_loss(forward: Forward, x: jax.Array,
     x: [B, H, W, C] float32 images in [0, 1].
     labels: [B] int labels.
     sigma: [B] noise levels (a scalar is broadcast; traced is fine).
-    key: PRNG key of the noise.
+    key: PRNG key of the noise, or [B] keys, one per example (`noise_like`).
     num_samples: m noisy copies per example.
     kind: 'gaussian' or 'uniform'.
     mask: [B] bool/float weights of the examples (None: all).
@@ -176,7 +187,7 @@ def gaussian_augmentation_loss(forward: Forward, x: jax.Array,
     Cohen, Rosenfeld, Kolter. Certified Adversarial Robustness via Randomized
     Smoothing. ICML 2019.
   """
-  num_samples = _check_count(num_samples, "num_samples")
+  num_samples = validate.check_count(num_samples, "num_samples")
   x = jnp.asarray(x, jnp.float32)
   noise = noise_like(key, x, sigma, num_samples, kind)
   logits = _forward_noisy(forward, x, noise)
@@ -265,7 +276,8 @@ def smoothadv_attack(forward: Forward, x: jax.Array, labels: jax.Array, sigma,
     x: [B, H, W, C] float32 images in [0, 1].
     labels: [B] int labels.
     sigma: [B] noise levels (a scalar is broadcast; traced is fine).
-    key: PRNG key of the attack's noise draws.
+    key: PRNG key of the attack's noise draws, or [B] keys, one per example
+      (`noise_like`).
     eps: L2 radius (a scalar, traced is fine, e.g. `smoothadv_epsilon`);
       eps = 0 returns x.
     steps: PGD steps (static; official DDRS/SmoothAdv setting 2).
@@ -284,7 +296,7 @@ def smoothadv_attack(forward: Forward, x: jax.Array, labels: jax.Array, sigma,
   steps = int(steps)
   if steps < 0:
     raise InputError(f"steps must be >= 0; got {steps}")
-  num_samples = _check_count(num_samples, "num_samples")
+  num_samples = validate.check_count(num_samples, "num_samples")
   x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
   sigma = jax.lax.stop_gradient(_per_example_sigma(sigma, x.shape[0]))
   labels = jnp.asarray(labels, jnp.int32)
@@ -379,7 +391,8 @@ def macer_loss(logits: jax.Array, labels: jax.Array, sigma, *,
 
   variant 'ddrs' (the DDRS MACER script): with p1 >= p2 the top two of psi_i
   clipped to `clip` (a clipped probability passes no gradient),
-  R_i = sigma_i / 2 (Phi^-1(p1) - Phi^-1(p2)) and C the examples with
+  R_i = sigma_i / 2 (Phi^-1(p1) - Phi^-1(p2)) (`sigma_opt.proxy_from_probs`,
+  the proxy of the sigma ascent) and C the examples with
   argmax psi_i == y_i,
 
     loss = mean_i NLL_i + lbd * mean_{i in C} relu(gamma - R_i)   (0 if C = {}).
@@ -449,7 +462,7 @@ def macer_loss(logits: jax.Array, labels: jax.Array, sigma, *,
   else:
     top, idx = jax.lax.top_k(psi, 2)
     p = jnp.clip(top, clip[0], clip[1])
-    radius = sigma / 2.0 * (jnorm.ppf(p[:, 0]) - jnorm.ppf(p[:, 1]))
+    radius = sigma_opt.proxy_from_probs(p, sigma, "gaussian")
     correct = idx[:, 0] == labels
     hinge = jax.nn.relu(gamma - radius)
     robustness = _weighted_mean(hinge, w * correct.astype(jnp.float32))

@@ -36,88 +36,18 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dds_jax import distributed
 from dds_jax import noise as noise_lib
+from dds_jax import validate
+from dds_jax.distributed import DATA_AXIS, make_mesh
 from dds_jax.errors import InputError
 
-DATA_AXIS = "data"
 DEFAULT_SAMPLES_PER_BLOCK = 100
 DEFAULT_BATCH_SIZE = 1000
 
 ApplyFn = Callable[[object, jax.Array], jax.Array]
-
-
-def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
-  """A 1-D mesh with a `data` axis over the first `num_devices` devices.
-
-  Auto axis types: make_mesh's default Explicit axes break a vmapped
-  `norm.ppf`, and we shard by hand with shard_map where it matters anyway.
-  With several processes (`dds_jax.distributed`) the mesh spans every device
-  of every process, ordered by process, so each process's devices hold a
-  contiguous range of rows.
-  """
-  devices = jax.devices()
-  num_devices = num_devices or len(devices)
-  if not 1 <= num_devices <= len(devices):
-    raise InputError(f"num_devices={num_devices}, but {len(devices)} "
-                     f"device(s) are available")
-  if jax.process_count() > 1:
-    if num_devices != len(devices):
-      raise InputError(f"num_devices={num_devices}: a multi-host mesh spans "
-                       f"all {len(devices)} devices of the "
-                       f"{jax.process_count()} processes (use 0)")
-    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return jax.sharding.Mesh(np.array(devices), (DATA_AXIS,),
-                             axis_types=(AxisType.Auto,))
-  return jax.make_mesh((num_devices,), (DATA_AXIS,),
-                       axis_types=(AxisType.Auto,),
-                       devices=devices[:num_devices])
-
-
-def check_images(x, name: str = "x", allow_empty: bool = False) -> np.ndarray:
-  """Validates a batch of images: float NHWC, finite, in [0, 1].
-
-  allow_empty: accept zero images (a process with no examples of its own in
-  a multi-host call).
-  """
-  x = np.asarray(x)
-  if x.ndim != 4:
-    raise InputError(f"{name} must be a batch of images [B, H, W, C]; got "
-                     f"shape {x.shape}")
-  if not np.issubdtype(x.dtype, np.floating):
-    raise InputError(f"{name} must hold floats in [0, 1]; got dtype {x.dtype} "
-                     "(divide uint8 images by 255)")
-  if x.shape[0] == 0:
-    if allow_empty:
-      return x.astype(np.float32, copy=False)
-    raise InputError(f"{name} is empty")
-  if not np.all(np.isfinite(x)):
-    raise InputError(f"{name} contains NaN or infinite pixels")
-  lo, hi = float(x.min()), float(x.max())
-  if lo < 0.0 or hi > 1.0:
-    raise InputError(f"{name} must be in [0, 1] pixel space (noise is added "
-                     f"before the model normalises); got range [{lo:.4g}, "
-                     f"{hi:.4g}]")
-  return x.astype(np.float32, copy=False)
-
-
-def check_sigma(sigma, batch: int) -> np.ndarray:
-  """Validates sigma (scalar or one per example) and broadcasts it to [B]."""
-  sigma = np.asarray(sigma, np.float64)
-  if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] != batch):
-    raise InputError(f"sigma must be a scalar or have shape [{batch}]; got "
-                     f"shape {sigma.shape}")
-  if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
-    raise InputError(f"sigma must be finite and > 0; got {sigma}")
-  return np.broadcast_to(sigma, (batch,)).astype(np.float32)
-
-
-def check_count(value, name: str) -> int:
-  if isinstance(value, bool) or int(value) != value or value < 1:
-    raise InputError(f"{name} must be an integer >= 1; got {value!r}")
-  return int(value)
 
 
 _SHAPE_CACHE = {}
@@ -133,9 +63,10 @@ def num_classes_of(apply_fn: ApplyFn, params, x: np.ndarray) -> int:
     try:
       out = jax.eval_shape(apply_fn, params, spec)
     except Exception as e:  # pylint: disable=broad-except
+      # The cause is chained: a bug inside the model shows in the traceback.
       raise InputError(
           f"images of shape {x.shape[1:]} (H, W, C) do not fit the model: "
-          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
     if len(out.shape) != 2 or out.shape[0] != 1:
       raise InputError(f"apply_fn must return logits [B, K]; got {out.shape}")
     _SHAPE_CACHE[sig] = int(out.shape[1])
@@ -183,10 +114,7 @@ def compile_count_step(apply_fn: ApplyFn, params, mesh: jax.sharding.Mesh,
     The `jax.stages.Compiled` step (see its `memory_analysis()`,
     `cost_analysis()`, `as_text()`).
   """
-  if batch_size % samples_per_block:
-    raise InputError(f"batch_size={batch_size} must be a multiple of "
-                     f"samples_per_block={samples_per_block}")
-  blocks = batch_size // samples_per_block
+  blocks = blocks_per_step(batch_size, samples_per_block)
   ndev = mesh.shape[DATA_AXIS]
   step = _count_step(apply_fn, mesh, samples_per_block, blocks, num_classes,
                      noise, tuple(image_shape))
@@ -202,7 +130,9 @@ def compile_count_step(apply_fn: ApplyFn, params, mesh: jax.sharding.Mesh,
   args = (abstract_params, spec(key.shape, key.dtype, rep),
           spec((rows,) + tuple(image_shape), jnp.float32, data),
           spec((rows,), jnp.float32, data),
-          *[spec((rows,), jnp.int32, data) for _ in range(4)])
+          spec((rows,), jnp.int32, data),
+          spec((rows, 2), jnp.uint32, data),
+          *[spec((rows,), jnp.int32, data) for _ in range(2)])
   return step.lower(*args).compile()
 
 
@@ -227,11 +157,15 @@ def sample_counts(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
     key: PRNG key (`jax.random.key(seed)`).
     num_samples: draws per example.
     num_classes: K; inferred from apply_fn when None.
-    batch_size: noisy images per device per forward pass (a multiple of
-      `samples_per_block`); fixes the compiled shape and memory.
-    example_ids: [B] global ids that key the noise (default arange(B)).
-      Pass dataset ids so that counts do not depend on how examples are
-      grouped into calls.
+    batch_size: noisy images per device per forward pass (>=
+      `samples_per_block`; the largest multiple of it that fits is used, so
+      e.g. 1024 with blocks of 100 runs 1,000); fixes the compiled shape and
+      memory. Counts do not depend on it.
+    example_ids: [B] global integer ids (64-bit) that key the noise. Default:
+      a 64-bit hash of each image's content (`noise.content_ids`), so the same
+      image draws the same noise in any batch and different images draw
+      different noise across calls. Pass dataset ids so that two equal images
+      of a dataset still draw independent noise.
     purpose: which noise stream (`dds_jax.noise.Purpose`).
     samples_per_block: noisy copies per block; part of the noise's identity.
     noise: 'gaussian' (L2) or 'uniform' (L1).
@@ -277,35 +211,47 @@ def sample_streams(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
     One int64 [B, K] count array per stream.
   """
   multi = jax.process_count() > 1
-  x = check_images(x, allow_empty=multi)
+  x = validate.check_images(x, allow_empty=multi)
   b = x.shape[0]
-  sigma = check_sigma(sigma, b)
-  streams = tuple((int(p), check_count(m, "num_samples")) for p, m in streams)
+  sigma = validate.check_sigma(sigma, b)
+  streams = tuple((int(p), validate.check_count(m, "num_samples"))
+                  for p, m in streams)
   if not streams:
     raise InputError("streams is empty")
-  samples_per_block = check_count(samples_per_block, "samples_per_block")
-  batch_size = check_count(batch_size, "batch_size")
-  if batch_size % samples_per_block:
-    raise InputError(f"batch_size={batch_size} must be a multiple of "
-                     f"samples_per_block={samples_per_block}")
-  if noise not in noise_lib.NOISE_KINDS:
-    raise InputError(f"noise must be one of {noise_lib.NOISE_KINDS}; got "
-                     f"{noise!r}")
+  samples_per_block = validate.check_count(samples_per_block,
+                                           "samples_per_block")
+  blocks_per_step(batch_size, samples_per_block)
+  validate.check_noise(noise)
   inferred = num_classes_of(apply_fn, params, x)
   if num_classes is not None and num_classes != inferred:
     raise InputError(f"num_classes={num_classes} but the model has "
                      f"{inferred} outputs")
+  example_ids = check_example_ids(example_ids, x)
+  return _sample_streams(apply_fn, params, x, sigma, key, streams, inferred,
+                         batch_size, example_ids, samples_per_block, noise,
+                         mesh or make_mesh(), progress)
+
+
+def blocks_per_step(batch_size, samples_per_block: int) -> int:
+  """Blocks per device per step: the most that fit in batch_size images."""
+  batch_size = validate.check_count(batch_size, "batch_size")
+  if batch_size < samples_per_block:
+    raise InputError(f"batch_size={batch_size} must be >= "
+                     f"samples_per_block={samples_per_block}")
+  return batch_size // samples_per_block
+
+
+def check_example_ids(example_ids, x: np.ndarray) -> np.ndarray:
+  """[B] int64 ids; the content hash of each image when None."""
+  b = x.shape[0]
   if example_ids is None:
-    example_ids = np.arange(b)
+    return noise_lib.content_ids(x)
   example_ids = np.asarray(example_ids)
   if example_ids.shape != (b,) or not (b == 0 or np.issubdtype(
       example_ids.dtype, np.integer)):
     raise InputError(f"example_ids must be {b} integers; got "
                      f"{example_ids.dtype} {example_ids.shape}")
-  return _sample_streams(apply_fn, params, x, sigma, key, streams, inferred,
-                         batch_size, example_ids.astype(np.int64),
-                         samples_per_block, noise, mesh or make_mesh(),
-                         progress)
+  return example_ids.astype(np.int64)
 
 
 def _work_items(b: int, streams, s: int) -> dict[str, np.ndarray]:
@@ -346,7 +292,7 @@ def _sample_streams(apply_fn, params, x, sigma, key, streams, num_classes,
   """`sample_streams` on checked inputs."""
   b = x.shape[0]
   s = samples_per_block
-  per_device = batch_size // s
+  per_device = blocks_per_step(batch_size, s)
   ndev, ndev_here = mesh.shape[DATA_AXIS], len(distributed.local_devices(mesh))
 
   items = _work_items(b, streams, s)
@@ -362,10 +308,10 @@ def _sample_streams(apply_fn, params, x, sigma, key, streams, num_classes,
 
   sharding = NamedSharding(mesh, P(DATA_AXIS))
   params, key = distributed.replicate((params, key), mesh)
-  ids32 = example_ids % (2**31)  # fold_in takes 32 bits
+  words = noise_lib.id_words(example_ids)  # [B, 2] uint32: 64-bit ids
   if b == 0:  # nothing of our own: feed masked blocks of a blank image
     x = np.zeros((1,) + x.shape[1:], np.float32)
-    sigma, ids32 = np.ones(1, np.float32), np.zeros(1, np.int64)
+    sigma, words = np.ones(1, np.float32), np.zeros((1, 2), np.uint32)
 
   done = np.cumsum(items["valid"])
   grand_total = b * sum(m for _, m in streams)
@@ -392,7 +338,7 @@ def _sample_streams(apply_fn, params, x, sigma, key, streams, num_classes,
                        tuple(x.shape[1:]))
     ex = items["example"][sl]
     args = [x[ex], sigma[ex], items["purpose"][sl].astype(np.int32),
-            ids32[ex].astype(np.int32), items["block"][sl].astype(np.int32),
+            words[ex], items["block"][sl].astype(np.int32),
             items["valid"][sl].astype(np.int32)]
     args = [distributed.to_global(a, sharding, blocks * ndev) for a in args]
     pending.append((sl, step(params, key, *args)))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 from typing import Optional
 
@@ -44,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dds_jax import distributed
 from dds_jax import noise as noise_lib
 from dds_jax import sampler
+from dds_jax import validate
 from dds_jax.errors import InputError
 
 DEFAULT_SIGMA_MIN = 0.01
@@ -62,6 +62,27 @@ class SigmaInfo:
   trajectory: np.ndarray
   sigmas: np.ndarray
   nonfinite_steps: np.ndarray
+
+
+def proxy_from_probs(p_top2, sigma, kind: str = "gaussian"):
+  """THE radius proxy, from the two largest (clipped) smoothed probabilities.
+
+  Used by the sigma ascent (`proxy_batch`) and by the DDRS MACER loss
+  (`losses.macer_loss`, variant 'ddrs').
+
+  Args:
+    p_top2: [B, 2] p1 >= p2, already clipped to (0, 1) (Phi^-1 of an
+      unclipped 0 or 1 is infinite).
+    sigma: [B] noise levels (or a scalar).
+    kind: 'gaussian': sigma / 2 (Phi^-1(p1) - Phi^-1(p2)) (L2); 'uniform':
+      sigma (p1 - p2) (L1).
+
+  Returns:
+    [B] proxy values.
+  """
+  if kind == "gaussian":
+    return sigma / 2.0 * (jnorm.ppf(p_top2[:, 0]) - jnorm.ppf(p_top2[:, 1]))
+  return sigma * (p_top2[:, 0] - p_top2[:, 1])
 
 
 def proxy_batch(forward, x, sigma, eps, clip=(0.02, 0.98),
@@ -84,9 +105,7 @@ def proxy_batch(forward, x, sigma, eps, clip=(0.02, 0.98),
   logits = forward(images.reshape((b * m,) + x.shape[1:])).reshape(b, m, -1)
   psi = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=1)
   p = jnp.clip(jax.lax.top_k(psi, 2)[0], clip[0], clip[1])
-  if kind == "gaussian":
-    return sigma / 2.0 * (jnorm.ppf(p[:, 0]) - jnorm.ppf(p[:, 1]))
-  return sigma * (p[:, 0] - p[:, 1])
+  return proxy_from_probs(p, sigma, kind)
 
 
 def radius_proxy(apply_fn, params, x, sigma, eps, clip=(0.02, 0.98),
@@ -103,7 +122,7 @@ def _unit_noise(key, shape, kind):
 def ascent(forward, x, sigma0, key: jax.Array, example_ids, *, steps: int,
            lr, num_samples: int, clip=(0.02, 0.98), sigma_min=DEFAULT_SIGMA_MIN,
            kind: str = "gaussian", optimizer=None, coupled: bool = False,
-           block_offset=0):
+           block_offset=0, purpose=noise_lib.Purpose.SIGMA_OPT):
   """K ascent steps on the proxy of a batch: the one implementation.
 
   Pure and jit-able: `optimize_sigma` runs it per device inside shard_map,
@@ -114,7 +133,8 @@ def ascent(forward, x, sigma0, key: jax.Array, example_ids, *, steps: int,
   Args:
     forward: `forward(images) -> logits`, the model frozen.
     x: [B, H, W, C] images; sigma0: [B] starting sigmas.
-    key: PRNG key; example_ids: [B] int32 ids keying the noise.
+    key: PRNG key; example_ids: [B, 2] uint32 words of the 64-bit ids keying
+      the noise (`noise.id_words`).
     steps, lr, num_samples, clip, sigma_min, kind, optimizer: see
       `optimize_sigma`.
     coupled: False when the examples do not interact (BatchNorm in inference
@@ -124,6 +144,8 @@ def ascent(forward, x, sigma0, key: jax.Array, example_ids, *, steps: int,
       official code's `radius.sum().backward()`.
     block_offset: added to the step index in the noise key (e.g. the epoch's
       offset in training, so that each epoch draws fresh noise).
+    purpose: the noise stream (`Purpose.SIGMA_OPT` at certification,
+      `Purpose.TRAIN_SIGMA` in training).
 
   Returns:
     (sigma [B], proxy values [B, steps + 1], sigmas [B, steps + 1],
@@ -133,8 +155,7 @@ def ascent(forward, x, sigma0, key: jax.Array, example_ids, *, steps: int,
 
   def proxy(s, k):
     eps = jax.vmap(lambda i: _unit_noise(
-        noise_lib.block_key(key, noise_lib.Purpose.SIGMA_OPT, i,
-                            k + block_offset),
+        noise_lib.block_key(key, purpose, i, k + block_offset),
         (num_samples,) + image_shape, kind))(example_ids)
     return proxy_batch(forward, x, s, eps, clip, kind)
 
@@ -177,6 +198,23 @@ def ascent(forward, x, sigma0, key: jax.Array, example_ids, *, steps: int,
           jnp.concatenate([sigmas, s[None]]).T, bad)
 
 
+@functools.lru_cache(maxsize=None)
+def make_optimizer(name: str, lr: float) -> Optional[
+    optax.GradientTransformation]:
+  """The sigma optimizer of a config: None for the paper's plain ascent.
+
+  Memoized: the same (name, lr) gives the same object, so the ascent's compile
+  cache (keyed on it) hits across certification calls.
+  """
+  if name == "ascent":
+    return None
+  makers = {"sgd": optax.sgd, "adam": optax.adam}
+  if name not in makers:
+    raise InputError(f"sigma optimizer must be ascent, sgd or adam; got "
+                     f"{name!r}")
+  return makers[name](lr)
+
+
 @functools.lru_cache(maxsize=32)
 def _ascent_fn(apply_fn, mesh, steps, num_samples, clip, kind, optimizer):
   """The jitted ascent, examples sharded over the mesh's `data` axis."""
@@ -186,7 +224,7 @@ def _ascent_fn(apply_fn, mesh, steps, num_samples, clip, kind, optimizer):
                   steps=steps, lr=lr, num_samples=num_samples, clip=clip,
                   sigma_min=sigma_min, kind=kind, optimizer=optimizer)
 
-  data = P(sampler.DATA_AXIS)
+  data = P(distributed.DATA_AXIS)
   fn = jax.shard_map(local, mesh=mesh,
                      in_specs=(P(), P(), P(), P(), data, data, data),
                      out_specs=(data, data, data, data),
@@ -220,8 +258,11 @@ def optimize_sigma(apply_fn, params, x, sigma0, key: jax.Array, *,
     sigma_min: floor of sigma (> 0); the official code has none.
     noise: 'gaussian' (L2 proxy) or 'uniform' (L1 proxy, s the half-width).
     optimizer: an optax optimizer to use instead of the plain ascent (it is
-      given -dR/ds, so it maximises R); None for the paper's ascent.
-    example_ids: [B] ids keying the noise (default arange(B)).
+      given -dR/ds, so it maximises R); None for the paper's ascent. Build it
+      once (`make_optimizer`) and reuse it: the compiled ascent is cached on
+      the object.
+    example_ids: [B] 64-bit ids keying the noise (default: a hash of each
+      image's content, `noise.content_ids`).
     examples_per_device: examples per device per call (fixes the compiled
       shape; the forward batch is examples_per_device * num_samples).
     mesh: a mesh with a `data` axis (default: all devices).
@@ -233,15 +274,15 @@ def optimize_sigma(apply_fn, params, x, sigma0, key: jax.Array, *,
   Returns:
     float64 [B] sigma, or (sigma, SigmaInfo) when return_info.
   """
-  x = sampler.check_images(x, allow_empty=jax.process_count() > 1)
+  x = validate.check_images(x, allow_empty=jax.process_count() > 1)
   b = x.shape[0]
-  sigma0 = sampler.check_sigma(sigma0, b)
+  sigma0 = validate.check_sigma(sigma0, b)
   steps = int(steps)
   if steps < 0:
     raise InputError(f"steps must be >= 0; got {steps}")
-  num_samples = sampler.check_count(num_samples, "num_samples")
-  examples_per_device = sampler.check_count(examples_per_device,
-                                            "examples_per_device")
+  num_samples = validate.check_count(num_samples, "num_samples")
+  examples_per_device = validate.check_count(examples_per_device,
+                                             "examples_per_device")
   if not (math.isfinite(lr) and lr > 0):
     raise InputError(f"lr must be finite and > 0; got {lr}")
   lo, hi = (float(c) for c in clip)
@@ -252,22 +293,17 @@ def optimize_sigma(apply_fn, params, x, sigma0, key: jax.Array, *,
   if np.any(sigma0 < sigma_min):
     raise InputError(f"sigma0 ({sigma0.min():.4g}) is below sigma_min "
                      f"({sigma_min:.4g})")
-  if noise not in noise_lib.NOISE_KINDS:
-    raise InputError(f"noise must be one of {noise_lib.NOISE_KINDS}; got "
-                     f"{noise!r}")
+  validate.check_noise(noise)
   sampler.num_classes_of(apply_fn, params, x)  # a clear error for bad shapes
-  example_ids = (np.arange(b) if example_ids is None
-                 else np.asarray(example_ids))
-  if example_ids.shape != (b,):
-    raise InputError(f"example_ids must have shape [{b}]")
-  mesh = mesh or sampler.make_mesh()
+  example_ids = sampler.check_example_ids(example_ids, x)
+  mesh = mesh or distributed.make_mesh()
   # Each process brings its own examples (see dds_jax.distributed); the
   # global call holds examples_per_device of them per device.
   chunk = examples_per_device * len(distributed.local_devices(mesh))
-  global_chunk = examples_per_device * mesh.shape[sampler.DATA_AXIS]
+  global_chunk = examples_per_device * mesh.shape[distributed.DATA_AXIS]
   fn = _ascent_fn(apply_fn, mesh, steps, num_samples, (lo, hi), noise,
                   optimizer)
-  sharding = NamedSharding(mesh, P(sampler.DATA_AXIS))
+  sharding = NamedSharding(mesh, P(distributed.DATA_AXIS))
   params, key = distributed.replicate((params, key), mesh)
   if b == 0:  # no examples of our own: run padding with a blank image
     x, sigma0 = np.zeros((1,) + x.shape[1:], np.float32), np.ones(1, np.float32)
@@ -278,7 +314,7 @@ def optimize_sigma(apply_fn, params, x, sigma0, key: jax.Array, *,
   for start in range(0, ncalls * chunk, chunk):
     idx = np.arange(start, min(start + chunk, b))
     take = np.concatenate([idx, np.zeros(chunk - idx.size, np.int64)])
-    args = (x[take], sigma0[take], (example_ids[take] % 2**31).astype(np.int32))
+    args = (x[take], sigma0[take], noise_lib.id_words(example_ids[take]))
     args = [distributed.to_global(a, sharding, global_chunk) for a in args]
     outs.append((idx.size, fn(params, key, jnp.float32(lr),
                               jnp.float32(sigma_min), *args)))
@@ -300,9 +336,6 @@ def optimize_sigma(apply_fn, params, x, sigma0, key: jax.Array, *,
                           nonfinite_steps=bad.astype(np.int64))
 
 
-EVAL_BLOCK = 1 << 30  # noise block of `evaluate_proxy`, apart from the steps'
-
-
 @functools.lru_cache(maxsize=32)
 def _proxy_fn(apply_fn, num_samples, clip, noise):
   """Jitted proxy evaluation, compiled once per model and setting."""
@@ -310,8 +343,7 @@ def _proxy_fn(apply_fn, num_samples, clip, noise):
   @jax.jit
   def run(params, key, xs, ss, ids):
     def one(xi, si, idi):
-      k = noise_lib.block_key(key, noise_lib.Purpose.SIGMA_OPT, idi,
-                              EVAL_BLOCK)
+      k = noise_lib.block_key(key, noise_lib.Purpose.PROXY_EVAL, idi, 0)
       eps = _unit_noise(k, (num_samples,) + xi.shape, noise)
       return radius_proxy(apply_fn, params, xi, si, eps, clip, noise)
     return jax.lax.map(lambda a: one(*a), (xs, ss, ids))
@@ -330,31 +362,23 @@ def evaluate_proxy(apply_fn, params, x, sigma, key: jax.Array, *,
   Returns:
     float64 [B] proxy values.
   """
-  x = sampler.check_images(x)
-  sigma = sampler.check_sigma(sigma, x.shape[0])
-  num_samples = sampler.check_count(num_samples, "num_samples")
-  ids = np.arange(x.shape[0]) if example_ids is None else np.asarray(
-      example_ids)
+  x = validate.check_images(x)
+  sigma = validate.check_sigma(sigma, x.shape[0])
+  num_samples = validate.check_count(num_samples, "num_samples")
+  ids = sampler.check_example_ids(example_ids, x)
 
   run = _proxy_fn(apply_fn, num_samples, tuple(float(c) for c in clip), noise)
-  return np.asarray(run(params, key, x, sigma,
-                        (ids % 2**31).astype(np.int32)), np.float64)
-
-
-def content_ids(x) -> np.ndarray:
-  """An id per image from its bytes: noise keyed by content, not position."""
-  x = np.ascontiguousarray(np.asarray(x, np.float32))
-  return np.array([int.from_bytes(hashlib.sha256(xi.tobytes()).digest()[:4],
-                                  "little") % 2**31 for xi in x], np.int64)
+  return np.asarray(run(params, key, x, sigma, noise_lib.id_words(ids)),
+                    np.float64)
 
 
 def make_sigma_fn(apply_fn, params, sigma0, key: jax.Array, **kwargs):
   """`sigma_fn(x_batch) -> sigma [B]` for `dds_jax.memory.MemoryClassifier`.
 
-  Noise is keyed by each image's content (`content_ids`), so an image gets the
-  same sigma alone or in any batch. kwargs go to `optimize_sigma`.
+  Noise is keyed by each image's content (`noise.content_ids`, the default
+  of `optimize_sigma`), so an image gets the same sigma alone or in any
+  batch. kwargs go to `optimize_sigma`.
   """
   def sigma_fn(x):
-    return optimize_sigma(apply_fn, params, x, sigma0, key,
-                          example_ids=content_ids(x), **kwargs)
+    return optimize_sigma(apply_fn, params, x, sigma0, key, **kwargs)
   return sigma_fn

@@ -10,17 +10,51 @@ References:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from scipy import special
 from scipy import stats as sps
 
+from dds_jax.errors import InputError
+
 ABSTAIN = -1
+
+
+def _clopper_pearson_bound(k, n, tail: float, upper: bool = False
+                          ) -> np.ndarray:
+  """THE Clopper-Pearson formula: one end of the exact interval of k / n.
+
+  The lower end is the p with P[Bin(n, p) >= k] = tail, the Beta(k, n - k + 1)
+  quantile at tail (0 when k = 0); the upper end the p with P[Bin(n, p) <= k]
+  = tail, the Beta(k + 1, n - k) quantile at 1 - tail (1 when k = n).
+
+  Args:
+    k: successes, float64 array in [0, n] (not checked).
+    n: trials, float64 array >= 1 (not checked), broadcast with k.
+    tail: the probability outside this end, in (0, 1).
+    upper: the upper end instead of the lower one.
+
+  Returns:
+    float64 array of the shape of broadcast(k, n).
+  """
+  # Valid shape parameters are substituted where the end is fixed (k = 0 for
+  # the lower end, k = n for the upper), where betaincinv would give NaN.
+  if upper:
+    return np.where(k == n, 1.0,
+                    special.betaincinv(k + 1.0, np.maximum(n - k, 1.0),
+                                       1.0 - tail))
+  return np.where(k == 0, 0.0,
+                  special.betaincinv(np.maximum(k, 1.0), n - k + 1.0, tail))
 
 
 def lower_confidence_bound(n_a, n, alpha: float) -> np.ndarray:
   """One-sided (1 - alpha) Clopper-Pearson lower bound of n_a / n.
 
-  Equals `beta.ppf(alpha, n_a, n - n_a + 1)`, 0 when n_a = 0, which is
-  statsmodels' `proportion_confint(n_a, n, alpha=2 * alpha, method="beta")[0]`.
+  The p with P[Bin(n, p) >= n_a] = alpha: `beta.ppf(alpha, n_a, n - n_a + 1)`,
+  0 when n_a = 0, which is statsmodels' `proportion_confint(n_a, n,
+  alpha=2 * alpha, method="beta")[0]` and the lower end of
+  `clopper_pearson_interval(n_a, n, 1 - 2 * alpha)`.
 
   Args:
     n_a: hits, int array (or scalar) in [0, n].
@@ -30,11 +64,49 @@ def lower_confidence_bound(n_a, n, alpha: float) -> np.ndarray:
   Returns:
     float64 array of the shape of broadcast(n_a, n).
   """
-  n_a = np.asarray(n_a, np.float64)
-  n = np.asarray(n, np.float64)
-  safe_a = np.maximum(n_a, 1.0)  # beta.ppf(., 0, b) is nan; we want 0.
-  p = sps.beta.ppf(alpha, safe_a, n - n_a + 1.0)
-  return np.where(n_a > 0, p, 0.0)
+  n_a, n = np.broadcast_arrays(np.asarray(n_a, np.float64),
+                               np.asarray(n, np.float64))
+  return _clopper_pearson_bound(n_a, n, alpha)
+
+
+def clopper_pearson_interval(
+    k: Any, n: Any, level: float = 0.95) -> tuple[Any, Any]:
+  """Two-sided exact (Clopper-Pearson) interval of a binomial proportion.
+
+  Each end leaves (1 - level) / 2 outside: lo is `lower_confidence_bound(k,
+  n, (1 - level) / 2)` (0 where k == 0), hi the Beta(k + 1, n - k) quantile
+  at (1 + level) / 2 (1 where k == n).
+
+  Args:
+    k: successes (int or array of ints), 0 <= k <= n.
+    n: trials (int or array, broadcast with `k`), n >= 1.
+    level: confidence level in (0, 1).
+
+  Returns:
+    (lo, hi): floats for scalar inputs, else float64 arrays of the broadcast
+    shape.
+
+  Raises:
+    InputError: on non-integer counts, k outside [0, n], n < 1 or a bad level.
+  """
+  if not 0.0 < level < 1.0:
+    raise InputError(f"level must be in (0, 1), got {level}")
+  k_arr = np.asarray(k)
+  n_arr = np.asarray(n)
+  for name, a in (("k", k_arr), ("n", n_arr)):
+    if a.dtype.kind not in "iuf" or (
+        a.dtype.kind == "f" and not np.all(a == np.round(a))):
+      raise InputError(f"{name} must hold integers, got {a!r}")
+  k_arr, n_arr = np.broadcast_arrays(k_arr.astype(np.float64),
+                                     n_arr.astype(np.float64))
+  if np.any(n_arr < 1) or np.any(k_arr < 0) or np.any(k_arr > n_arr):
+    raise InputError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+  tail = (1.0 - level) / 2.0
+  lo = _clopper_pearson_bound(k_arr, n_arr, tail)
+  hi = _clopper_pearson_bound(k_arr, n_arr, tail, upper=True)
+  if lo.ndim == 0:
+    return float(lo), float(hi)
+  return lo, hi
 
 
 def binom_pvalue(n1, n2) -> np.ndarray:

@@ -56,12 +56,10 @@ from dds_jax import models
 from dds_jax import noise as noise_lib
 from dds_jax import progress as progress_lib
 from dds_jax import losses
-from dds_jax import sampler
 from dds_jax import sigma_opt
 from dds_jax.configs import common
 from dds_jax.errors import ConfigError
 
-EVAL_BLOCK = 1 << 20  # noise block index used for per-epoch noisy evaluation
 EXPORT_DIR = "export"  # parameters-only export, written at the end
 
 
@@ -107,10 +105,11 @@ def augment(key: jax.Array, image: jax.Array, crop_padding: int,
   return image
 
 
-def example_keys(key: jax.Array, example_ids: jax.Array, block) -> jax.Array:
-  """One key per example for this epoch (or evaluation) block."""
-  return jax.vmap(lambda i: noise_lib.block_key(
-      key, noise_lib.Purpose.TRAIN, i, block))(example_ids)
+def example_keys(key: jax.Array, purpose: noise_lib.Purpose,
+                 id_words: jax.Array, block) -> jax.Array:
+  """One key per example of a stream for this epoch (the block)."""
+  return jax.vmap(lambda w: noise_lib.block_key(key, purpose, w, block))(
+      id_words)
 
 
 def make_train_step(bundle: models.ModelBundle, tx,
@@ -120,21 +119,28 @@ def make_train_step(bundle: models.ModelBundle, tx,
   (variables, opt_state, sigma_table, batch, key, epoch, eps_adv)
     -> (variables, opt_state, sigma_table, metrics)
 
-  Per-sample sigma: with `ds_active`, the batch's entries of the sigma table
-  first take `train.ds.steps` ascent steps on the radius proxy
-  (`dds_jax.sigma_opt.ascent`, the parameters frozen) and are written back;
-  then the base method's loss is computed with noise N(0, s_i^2 I).
+  The step is the tested losses of `dds_jax.losses` in order:
+    1. augmentation (keys: Purpose.TRAIN, per example id and epoch);
+    2. per-sample sigma: with `ds_active`, the batch's entries of the sigma
+       table take `train.ds.steps` ascent steps on the radius proxy
+       (`dds_jax.sigma_opt.ascent`, Purpose.TRAIN_SIGMA, the parameters
+       frozen) and are written back;
+    3. SmoothAdv: `losses.smoothadv_attack` (Purpose.ATTACK per example id,
+       BatchNorm in inference mode as in Salman et al.'s code);
+    4. the loss on noisy copies with noise N(0, s_i^2 I) (the TRAIN keys):
+       `losses.gaussian_augmentation_loss` (gaussian, smoothadv) or
+       `losses.macer_loss` on `losses.noise_like` draws (macer).
   """
   tc, dc = config.train, config.train.ds
   kind = config.noise.kind
   m = tc.num_noise
+  purpose = noise_lib.Purpose
 
   def step(variables, opt_state, table, batch, key, epoch, eps_adv):
-    ids, pos, labels = batch["example_ids"], batch["pos"], batch["labels"]
+    words, pos, labels = batch["id_words"], batch["pos"], batch["labels"]
     mask = batch["mask"].astype(jnp.float32)
-    keys = example_keys(key, ids, epoch)
-    k_aug, k_noise, k_attack = (
-        jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(keys))
+    keys = example_keys(key, purpose.TRAIN, words, epoch)
+    k_aug, k_noise = jax.vmap(jax.random.split, out_axes=1)(keys)
     x = jax.vmap(lambda k, im: augment(k, im, tc.crop_padding, tc.flip))(
         k_aug, batch["images"])
     sigma = table[pos]
@@ -144,35 +150,40 @@ def make_train_step(bundle: models.ModelBundle, tx,
       else:
         forward = lambda im: bundle.apply_fn(variables, im)
       new_sigma, _, _, _ = sigma_opt.ascent(
-          forward, x, sigma, jax.random.fold_in(key, 1), ids.astype(jnp.int32),
-          steps=dc.steps, lr=dc.lr, num_samples=dc.num_samples,
-          clip=tuple(dc.clip), sigma_min=dc.sigma_min, kind=kind,
-          coupled=dc.bn_mode == "train", block_offset=epoch * dc.steps)
+          forward, x, sigma, key, words, steps=dc.steps, lr=dc.lr,
+          num_samples=dc.num_samples, clip=tuple(dc.clip),
+          sigma_min=dc.sigma_min, kind=kind, coupled=dc.bn_mode == "train",
+          block_offset=epoch * dc.steps, purpose=purpose.TRAIN_SIGMA)
       sigma = jnp.where(batch["mask"], jax.lax.stop_gradient(new_sigma), sigma)
       table = table.at[pos].set(jnp.where(batch["mask"], sigma, table[pos]))
     if tc.method == "smoothadv":
       x = losses.smoothadv_attack(
           lambda im: bundle.apply_fn(variables, im), x, labels, sigma,
-          k_attack[0], eps=eps_adv, steps=tc.smoothadv.steps,
-          num_samples=m, kind=kind)
-    noise = jax.vmap(lambda k, s: noise_lib.draw(k, (m,) + x.shape[1:], s,
-                                                 kind))(k_noise, sigma)
-    noisy = (x[:, None] + noise).reshape((-1,) + x.shape[1:])
+          example_keys(key, purpose.ATTACK, words, epoch), eps=eps_adv,
+          steps=tc.smoothadv.steps, num_samples=m, kind=kind)
 
     def loss_fn(params):
-      logits, new_state = bundle.apply_train({**variables, "params": params},
-                                             noisy)
-      logits = logits.reshape(x.shape[0], m, -1)
+      state = {}
+
+      def forward(images):  # train mode; keeps the new BatchNorm statistics
+        logits, state["new"] = bundle.apply_train(
+            {**variables, "params": params}, images)
+        return logits
+
       if tc.method == "macer":
         mc = tc.macer
+        noise = losses.noise_like(k_noise, x, sigma, m, kind)
+        logits = forward((x[:, None] + noise).reshape(
+            (-1,) + x.shape[1:])).astype(jnp.float32).reshape(
+                x.shape[0], m, -1)
         loss, _ = losses.macer_loss(logits, labels, sigma, lbd=mc.lbd,
                                     gamma=mc.gamma, beta=mc.beta,
                                     variant=mc.variant, mask=mask)
       else:  # gaussian, smoothadv: cross-entropy over all noisy copies
-        loss = losses.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), jnp.repeat(labels, m),
-            jnp.repeat(mask, m))
-      return loss, (logits, new_state)
+        loss, logits = losses.gaussian_augmentation_loss(
+            forward, x, labels, sigma, k_noise, num_samples=m, kind=kind,
+            mask=mask)
+      return loss, (logits, state["new"])
 
     (loss, (logits, new_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(variables["params"])
@@ -192,7 +203,8 @@ def make_eval_step(bundle: models.ModelBundle, noise_kind: str):
   """Clean and one-draw noisy correct counts of a batch."""
 
   def step(variables, batch, key, sigma):
-    keys = example_keys(key, batch["example_ids"], EVAL_BLOCK)
+    keys = example_keys(key, noise_lib.Purpose.TRAIN_EVAL, batch["id_words"],
+                        0)
     x = batch["images"]
     noisy = x + jax.vmap(lambda k, im: noise_lib.draw(k, im.shape, sigma,
                                                       noise_kind))(keys, x)
@@ -206,29 +218,15 @@ def make_eval_step(bundle: models.ModelBundle, noise_kind: str):
   return jax.jit(step)
 
 
-def build_model(config: ml_collections.ConfigDict, image_shape,
-                training: bool = False) -> models.ModelBundle:
-  """The configured model; in training, bf16 compute if `train.dtype` says."""
-  kwargs = {}
-  if training and config.train.dtype == "bfloat16":
-    kwargs["dtype"] = jnp.bfloat16
-  if config.model.conv_features:
-    kwargs["conv_features"] = tuple(config.model.conv_features)
-  return models.build(config.model.name, config.model.num_classes,
-                      tuple(image_shape), **kwargs)
-
-
-def load_split(config: ml_collections.ConfigDict, split: str):
-  return data_lib.load(config.data.name, split,
-                       cache_dir=config.data.cache_dir or None,
-                       class_names=tuple(config.data.class_names) or None,
-                       data_dir=config.data.data_dir or None)
-
-
-def check_dataset_fits(config, ds) -> None:
-  if ds.num_classes != config.model.num_classes:
-    raise ConfigError(f"dataset {ds.name} has {ds.num_classes} classes but "
-                      f"model.num_classes={config.model.num_classes}")
+def train_devices(config: ml_collections.ConfigDict) -> int:
+  """Devices of the training mesh: `mesh.train_devices`, or when 0 (auto) 1
+  on a CPU-only host (two XLA CPU devices trained the digits CNN at 0.79x of
+  one) and all devices otherwise."""
+  if config.mesh.train_devices:
+    return int(config.mesh.train_devices)
+  if jax.default_backend() == "cpu" and jax.process_count() == 1:
+    return 1
+  return jax.device_count()
 
 
 def _summary_writer(workdir: str):
@@ -259,11 +257,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   common.validate(config)
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
-  train_ds = load_split(config, config.data.train_split)
-  test_ds = load_split(config, config.data.test_split)
-  check_dataset_fits(config, train_ds)
-  mesh = sampler.make_mesh(config.mesh.num_devices or None)
-  ndev = mesh.shape[sampler.DATA_AXIS]
+  train_ds = data_lib.load_split(config, config.data.train_split)
+  test_ds = data_lib.load_split(config, config.data.test_split)
+  data_lib.check_fits(config, train_ds)
+  mesh = distributed.make_mesh(train_devices(config))
+  ndev = mesh.shape[distributed.DATA_AXIS]
   main = distributed.is_main()  # writes metrics and the export
   if tc.batch_size % ndev:
     raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible "
@@ -280,9 +278,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   def positions(ids):
     return order[np.clip(np.searchsorted(sorted_ids, ids), 0, len(order) - 1)]
 
-  bundle = build_model(config, train_ds.image_shape, training=True)
+  bundle = models.build_from_config(config, train_ds.image_shape,
+                                    training=True)
   key = jax.random.key(config.seed)
-  variables = bundle.init(jax.random.fold_in(key, 0))
+  variables = bundle.init(noise_lib.purpose_key(key, noise_lib.Purpose.INIT))
   tx = make_optimizer(tc, steps_per_epoch)
   opt_state = tx.init(variables["params"])
   table = np.full(len(train_ds), config.noise.sigma, np.float32)
@@ -309,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     with open(os.path.join(workdir, "train_config.json"), "w") as f:
       f.write(config.to_json(indent=2))
 
-  batch_sharding = NamedSharding(mesh, P(sampler.DATA_AXIS))
+  batch_sharding = NamedSharding(mesh, P(distributed.DATA_AXIS))
   # Parameters, optimizer state and the sigma table are replicated on every
   # device (of every process); batches are split over the `data` axis.
   variables, opt_state, table, key = distributed.replicate(
@@ -360,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if epoch == start_epoch and b_idx < start_batch:
         continue
       batch["pos"] = positions(batch["example_ids"]).astype(np.int32)
+      batch["id_words"] = noise_lib.id_words(batch.pop("example_ids"))
       variables, opt_state, table, m = train_steps[ds_active](
           variables, opt_state, table, put(batch, tc.batch_size), key, epoch,
           eps_adv)
@@ -370,8 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         save(epoch, b_idx + 1)
     clean = noisy = 0
     for batch in data_lib.iterate_batches(eval_ds, eval_bs, rows=eval_rows):
-      c, n = eval_step(variables, put(batch, eval_bs),
-                       jax.random.fold_in(key, 1), sigma)
+      batch["id_words"] = noise_lib.id_words(batch.pop("example_ids"))
+      c, n = eval_step(variables, put(batch, eval_bs), key, sigma)
       clean, noisy = clean + int(c), noisy + int(n)
     sums = jax.device_get(sums) if sums is not None else None
     count = float(sums["count"]) if sums else 0.0
@@ -419,28 +419,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer.close()
   return last
 
-
-def restore_params(config: ml_collections.ConfigDict, workdir: str,
-                   image_shape) -> tuple[models.ModelBundle, Any]:
-  """The model and its trained variables.
-
-  From the parameters-only export at `config.certify.checkpoint` when set,
-  else from `<workdir>/checkpoints`.
-  """
-  bundle = build_model(config, image_shape)
-  template = jax.eval_shape(bundle.init, jax.random.key(0))
-  if config.certify.checkpoint:
-    params, meta = ckpt_lib.load_exported(config.certify.checkpoint, template)
-  else:
-    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
-    meta = ckpt.read_meta()
-    params = None
-  if meta.get("model") != config.model.name:
-    raise ConfigError(f"the checkpoint in {workdir} is of model "
-                      f"{meta.get('model')!r}, not {config.model.name!r}")
-  if params is None:
-    mesh = sampler.make_mesh(config.mesh.num_devices or None)
-    params = ckpt.restore(template, sharding=NamedSharding(mesh, P()))[
-        "params"]
-    ckpt.close()
-  return bundle, params

@@ -130,7 +130,7 @@ def test_predict_abstains_near_the_boundary_and_answers_far_from_it(linear):
     (dict(x=np.zeros((2,) + D, np.uint8)), "dtype"),
     (dict(x=np.zeros(D, np.float32)), "shape"),
     (dict(x=np.zeros((2, 5, 5, 1), np.float32)), "do not fit the model"),
-    (dict(batch_size=150), "multiple"),
+    (dict(batch_size=50), "samples_per_block"),
     (dict(noise="laplace"), "noise"),
     (dict(num_classes=3), "num_classes"),
 ])
@@ -141,3 +141,16 @@ def test_bad_input_is_a_clear_error(linear, kwargs, match):
   with pytest.raises(InputError, match=match):
     dds_jax.certify(linear_apply, params, args.pop("x"), args.pop("sigma"),
                     jax.random.key(0), **args)
+
+
+def test_a_model_error_is_chained_not_hidden(linear):
+  """'do not fit the model' keeps the model's own error as its cause."""
+  params, x, _, _ = linear
+
+  def broken(params, images):
+    raise ZeroDivisionError("a bug inside the model")
+
+  with pytest.raises(InputError, match="do not fit the model") as info:
+    dds_jax.certify(broken, params, x[:2], 0.5, jax.random.key(0), n0=10,
+                    n=10)
+  assert isinstance(info.value.__cause__, ZeroDivisionError)

@@ -59,7 +59,12 @@ def test_damaged_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
   assert damaged
   before = sorted(os.listdir(step_dir))
   ck = checkpoint.Checkpointer(str(tmp_path), create=False)
-  with pytest.raises(CheckpointError):
+  with pytest.raises(CheckpointError, match="cannot be restored") as info:
     ck.restore(_variables())
+  # One line for the person; orbax's own error kept as the cause.
+  assert "\n" not in str(info.value)
+  cause = info.value.__cause__
+  assert cause is not None and not isinstance(cause, CheckpointError)
+  assert type(cause).__name__ in str(info.value)
   assert sorted(os.listdir(step_dir)) == before
   shutil.rmtree(tmp_path)

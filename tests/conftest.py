@@ -12,6 +12,12 @@ CIFAR_ZIP = os.path.join(SHARED, "data", "cifar10", "cifar10-jpeg-q75.zip")
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+# Launchers give themselves one XLA CPU device per core (mesh.host_devices=0);
+# under `pytest -n 2` on 2 cores each child would take both. One device each,
+# unless set outside; tests that want more set XLA_FLAGS (subprocess_env),
+# which wins over this.
+os.environ.setdefault("DDS_JAX_HOST_DEVICES", "1")
+
 
 @pytest.fixture
 def cifar_zip():

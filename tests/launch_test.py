@@ -78,8 +78,8 @@ def test_certify_again_gives_the_same_table_except_time(trained, tmp_path):
   workdir, _ = trained
   first = analysis.read_tsv(os.path.join(workdir, "fixed", "certify.tsv"))
   res = launch("certify", f"--config={DIGITS}", f"--workdir={workdir}",
-               "--config.sigma_opt.enabled=False",
-               "--config.memory.enabled=False")
+               "--config.certify.sigma_method=fixed",
+               "--config.certify.soundness=none")
   assert res.returncode == 0, res.stderr[-3000:]
   again = analysis.read_tsv(os.path.join(workdir, "certify.tsv"))
   _same_except_time(first, again)
@@ -89,6 +89,7 @@ def test_saved_sigma_file_is_reused(trained, tmp_path):
   workdir, _ = trained
   ds = analysis.read_tsv(os.path.join(workdir, "ds", "certify.tsv"))
   res = launch("certify", f"--config={DIGITS}", f"--workdir={workdir}",
+               "--config.certify.sigma_method=file",
                f"--config.sigma_opt.sigma_file={workdir}/ds/sigma.tsv",
                f"--config.memory.path={tmp_path}/mem.sqlite")
   assert res.returncode == 0, res.stderr[-3000:]
@@ -126,10 +127,14 @@ def _assert_clean_failure(res, *needles):
     ("--config.noise.sigma=nan", "sigma"),
     ("--config.model.name=vgg", "model.name"),
     ("--config.data.name=imagefolder:/does/not/exist", "does not exist"),
+    ("--config.sigma_opt.enabled=True", "certify.sigma_method"),
+    ("--config.memory.enabled=True", "certify.soundness"),
+    ("--config.certify.soundness=memory "
+     "--config.certify.sigma_method=fixed", "needs a data-dependent"),
 ])
 def test_bad_config_values_fail_cleanly(override, needle, tmp_path):
   res = launch("certify", f"--config={DIGITS}", f"--workdir={tmp_path}",
-               override)
+               *override.split())
   _assert_clean_failure(res, needle)
 
 
@@ -205,9 +210,32 @@ def test_killed_certification_resumes_to_the_same_files(trained, tmp_path):
                                   "correct", "sigma", "p_lower",
                                   "predict_mem", "radius_mem", "changed"])
   with sqlite3.connect(f"{tmp_path}/m.sqlite") as db:
-    ids = [r[0] for r in db.execute("SELECT example_id FROM certificates "
-                                    "ORDER BY id")]
+    stored = db.execute("SELECT example_id, raw_radius, radius FROM "
+                        "certificates ORDER BY id").fetchall()
+  ids = [r[0] for r in stored]
   assert ids == again["idx"].tolist()       # each certificate stored once
+  # The TSV holds the issued radii exactly (shortest round-trip floats), the
+  # ones the store holds, so the resumed summary equals the uninterrupted one.
+  assert [r[1] for r in stored] == again["radius"].tolist()
+  assert [r[2] for r in stored] == again["radius_mem"].tolist()
+  resumed = json.load(open(os.path.join(tmp_path, "w", "summary.json")))
+  uninterrupted = json.load(open(os.path.join(workdir, "ds", "summary.json")))
+  assert resumed["examples_this_run"] == 30 - len(partial["idx"])
+  for key in ("certified_accuracy", "num_certified", "ci_low", "ci_high",
+              "acr", "abstain_rate", "clean_accuracy", "sigma_stats"):
+    assert resumed[key] == uninterrupted[key], key
+  for key in ("certified_accuracy", "acr", "num_stored", "union_bound",
+              "invariant_holds", "num_changed_this_run"):
+    assert resumed["memory"][key] == uninterrupted["memory"][key], key
+
+  # A resume across a change of noise streams is refused, in one line.
+  state_path = os.path.join(tmp_path, "w", "certify_state.json")
+  state = json.load(open(state_path))
+  state["noise_version"] -= 1
+  with open(state_path, "w") as f:
+    json.dump(state, f)
+  res = launch("certify", *flags)
+  _assert_clean_failure(res, "noise version")
 
 
 def test_pod_and_slurm_scripts_run_the_launcher_with_multihost():
@@ -225,3 +253,45 @@ def test_pod_and_slurm_scripts_run_the_launcher_with_multihost():
   with open(os.path.join(conftest.REPO, "launch", "slurm.sbatch")) as f:
     text = f.read()
   assert "srun" in text and "--multihost" in text
+
+
+_PRINT_DEVICES = (
+    "import jax\n"
+    "from absl import app\n"
+    "from launch import common\n"
+    "app.run(lambda argv: common.run_main(\n"
+    "    lambda: print('devices', jax.device_count())))\n")
+
+
+@pytest.mark.parametrize("host_devices, env, want", [
+    (2, {}, 2),                                  # the config's count
+    (-1, {}, 1),                                 # XLA's default
+    (-1, {"DDS_JAX_HOST_DEVICES": "2"}, 2),      # the environment wins
+    (2, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3),
+    (2, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3",
+         "DDS_JAX_HOST_DEVICES": "2"}, 3),       # an explicit XLA_FLAGS wins
+])
+def test_launchers_set_the_host_device_count(host_devices, env, want,
+                                             tmp_path):
+  """run_main sets XLA's CPU device count before JAX starts its backends."""
+  child_env = conftest.subprocess_env(1)
+  del child_env["XLA_FLAGS"]
+  child_env.pop("DDS_JAX_HOST_DEVICES", None)
+  child_env.update(env)
+  res = subprocess.run(
+      [sys.executable, "-c", _PRINT_DEVICES, f"--config={DIGITS}",
+       f"--workdir={tmp_path}", f"--config.mesh.host_devices={host_devices}"],
+      capture_output=True, text=True, timeout=300, cwd=conftest.REPO,
+      env=child_env)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert res.stdout.split() == ["devices", str(want)]
+
+
+def test_a_bad_host_device_count_fails_cleanly(tmp_path):
+  env = dict(conftest.subprocess_env(1), DDS_JAX_HOST_DEVICES="two")
+  del env["XLA_FLAGS"]
+  res = subprocess.run(
+      [sys.executable, "-c", _PRINT_DEVICES, f"--config={DIGITS}",
+       f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300,
+      cwd=conftest.REPO, env=env)
+  _assert_clean_failure(res, "DDS_JAX_HOST_DEVICES='two'")

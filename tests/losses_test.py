@@ -448,6 +448,25 @@ def test_macer_rejects_bad_input():
     losses.macer_loss(logits[:, 0], labels, sigma)
 
 
+def test_sigma_and_counts_are_checked_as_everywhere_else():
+  """`validate`'s checks and messages: values when concrete, shape when traced."""
+  logits, labels, sigma = _macer_inputs(0, 0.5)
+  for bad in (np.zeros_like(sigma), np.full_like(sigma, np.nan), -1.0):
+    with pytest.raises(InputError, match="sigma must be finite and > 0"):
+      losses.macer_loss(logits, labels, bad)
+  with pytest.raises(InputError, match=r"sigma must be a scalar or have shape"):
+    jax.jit(lambda s: losses.macer_loss(logits, labels, s)[0])(sigma[:-1])
+  # Under jit the values are unknown: a traced sigma of the right shape passes.
+  jax.jit(lambda s: losses.macer_loss(logits, labels, s)[0])(sigma)
+  x, labels, sigma = _batch()
+  for m in (0, 1.5, True):
+    with pytest.raises(InputError, match="num_samples must be an integer >= 1"):
+      losses.gaussian_augmentation_loss(linear, x, labels, sigma,
+                                        jax.random.key(0), num_samples=m)
+    with pytest.raises(InputError, match="num_samples must be an integer >= 1"):
+      losses.noise_like(jax.random.key(0), x, sigma, m)
+
+
 def test_macer_vmaps_over_stacked_batches():
   logits, labels, sigma = _macer_inputs(0, 0.5)
 

@@ -313,6 +313,17 @@ def test_bad_input_to_store_insert(tmp_path):
     with pytest.raises(InputError):
       store.insert([0.0, 0.0], 0, 1.0, example_id=1.5)
     assert len(store) == 0 and store.records()["id"].size == 0
+    for chunk in (0, 2.5, True):
+      with pytest.raises(InputError, match="chunk_size must be an integer"):
+        store.insert_many(np.zeros((1, 2)), [0], [1.0], chunk_size=chunk)
+    for alpha in (0.0, 1.0, 2, True, "0.1"):
+      with pytest.raises(InputError, match=r"alpha must be in \(0, 1\)"):
+        store.summary(alpha=alpha)
+  for alpha in (0.0, 1.5, True, np.nan):
+    with pytest.raises(InputError, match=r"alpha \(when given\) must be in"):
+      _open(tmp_path / "n.sqlite", alpha=alpha)
+  with pytest.raises(InputError, match="norm must be 1"):
+    _open(tmp_path / "n.sqlite", norm=3)
 
 
 def test_lookup_is_the_deepest_containing_ball():
@@ -396,8 +407,10 @@ def test_mismatched_store_is_refused_and_not_modified(tmp_path):
     _open(other)
   junk = tmp_path / "junk.sqlite"
   junk.write_bytes(b"not a database at all" * 100)
-  with pytest.raises(MemoryStoreError):
+  with pytest.raises(MemoryStoreError, match="cannot open") as info:
     _open(junk)
+  # One line for the person, SQLite's own error kept as the cause.
+  assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
 
 
 def _writer(path, seed, count, offset, go=None):
@@ -571,6 +584,13 @@ def test_classifier_checks_its_store(tmp_path, linear):
   with _open(tmp_path / "a.sqlite", shape=SHAPE, norm=1) as store:
     with pytest.raises(InputError, match="L2"):
       _classifier(store, params)
+    with pytest.raises(InputError, match="noise must be one of"):
+      _classifier(store, params, noise="laplace")
+    assert _classifier(store, params, noise="uniform").store is store
+  with _open(tmp_path / "c.sqlite", shape=SHAPE) as store:
+    with pytest.raises(InputError, match=r"alpha must be in \(0, 1\)"):
+      MemoryClassifier(store, _slab_apply, params, sigma=0.5,
+                       key=jax.random.key(0), **dict(_CERT, alpha=1.0))
   with _open(tmp_path / "b.sqlite", shape=SHAPE, alpha=0.01) as store:
     with pytest.raises(InputError, match="alpha"):
       _classifier(store, params)
@@ -609,3 +629,72 @@ def test_filter_keeps_every_row_at_the_threshold(shape, norm):
     matters = np.flatnonzero(d < (r + radii) * (1 + CLEARANCE))
     assert len(matters) >= 15
     assert np.all(key[matters] < r * rule_lib._FILTER)
+
+
+# -- the invariant check since a row --------------------------------------------
+
+def _overlapping_then_apart():
+  """Entries 0, 1 overlap (classes 0, 1); entries 2.. are far from everyone."""
+  xs = np.array([[0, 0], [0.5, 0], [10, 0], [20, 0], [30, 0]], np.float32)
+  return xs, np.array([0, 1, 0, 1, 2]), np.array([1.0, 1.0, 0.5, 0.5, 0.5])
+
+
+def test_check_invariant_since_examines_only_pairs_with_a_new_entry(
+    monkeypatch):
+  xs, cs, rs = _overlapping_then_apart()
+  index = MemoryIndex((2,))
+  index.add(xs, cs, rs)       # as given, without the rule: 0 and 1 overlap
+  assert not index.check_invariant()
+  assert index.violations() == [(0, 1, pytest.approx(0.5))]
+  with pytest.raises(memory.MemoryInvariantError, match="entries 1 and 2"):
+    index.check_invariant(raise_error=True)
+  # The old-vs-old pair (0, 1) is not looked at once both are before `since`.
+  for since in (2, 3, 5):
+    assert index.check_invariant(since=since)
+    assert index.violations(since=since) == []
+  assert not index.check_invariant(since=1)     # (0, 1) has the new entry 1
+  # A new entry overlapping an old one is found.
+  index.add(np.array([[19.8, 0]], np.float32), [0], [0.5])
+  assert index.violations(since=5) == [(3, 5, pytest.approx(0.2, rel=1e-5))]
+  assert not index.check_invariant(since=5)
+  with pytest.raises(memory.MemoryInvariantError, match="entries 4 and 6"):
+    index.check_invariant(raise_error=True, since=3)
+  # since = 0 is the full check; since = k checks nothing.
+  assert index.violations(since=0) == index.violations()
+  assert index.check_invariant(since=6)
+  # The cost: only the entries from `since` on are queries (O(new * k)).
+  queries = []
+  dots = rule_lib._dots  # pylint: disable=protected-access
+  monkeypatch.setattr(rule_lib, "_dots",
+                      lambda rows, q: queries.append(len(q)) or dots(rows, q))
+  index.check_invariant(since=4)
+  assert sum(queries) == 2
+  for bad in (-1, 7, 1.5, True, None):
+    with pytest.raises(InputError, match="since"):
+      index.check_invariant(since=bad)
+
+
+def test_store_check_invariant_since(tmp_path):
+  path = tmp_path / "m.sqlite"
+  xs, cs, rs = _overlapping_then_apart()
+  with _open(path) as store:
+    # Another writer broke the invariant between entries 1 and 2 (ids).
+    db = sqlite3.connect(path)
+    db.executemany(
+        "INSERT INTO certificates (id, x, pred, radius, raw_pred, raw_radius, "
+        "changed, example_id, created_at) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, "
+        "'now')", [(i + 1, xs[i].tobytes(), int(cs[i]), float(rs[i]),
+                    int(cs[i]), float(rs[i])) for i in range(2)])
+    db.commit()
+    db.close()
+    before = len(store)
+    assert before == 2
+    res = store.insert_many(xs[2:], cs[2:], rs[2:])
+    assert not res.changed.any()
+    assert store.check_invariant(since=before)
+    assert not store.check_invariant()
+    assert not store.check_invariant(since=0)
+    with pytest.raises(memory.MemoryInvariantError, match="entries 1 and 2"):
+      store.check_invariant(raise_error=True)
+    with pytest.raises(InputError, match="since"):
+      store.check_invariant(since=len(store) + 1)

@@ -1,8 +1,10 @@
 """Several processes on this CPU (jax.distributed, gloo collectives, localhost
 coordinator) give exactly the results of one process."""
 
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +21,8 @@ from dds_jax import analysis
 from tests import conftest
 
 DIGITS = "dds_jax/configs/digits.py:small"
-TRAIN_FLAGS = ("--config.train.ds.enabled=True",)  # a sigma table to compare
+TRAIN_FLAGS = ("--config.train.ds.enabled=True",  # a sigma table to compare
+               "--config.mesh.train_devices=2")  # both layouts: 2 devices
 
 
 def free_port() -> int:
@@ -50,9 +53,12 @@ def launch(module, *args, num_processes=1, devices=1, timeout=600):
   Returns the list of (returncode, stdout, stderr), one per process. A run in
   which a process dies by a signal (seen once in CI: SIGABRT from a
   single-process CPU run under load, not reproduced in 18 standalone runs
-  and 6 runs of this module) is
-  repeated once from the same starting `--workdir`, with a warning carrying
-  the first run's report; an exit with an error code fails at once.
+  and 6 runs of this module, nor in 18 runs of train/certify/run beside a busy
+  loop at load 5-6 on 2 cores) is repeated once from the same starting
+  `--workdir`, with a warning (and a print, for -rA) carrying the dead
+  process's crash evidence: the launchers turn faulthandler on, so its stderr
+  holds every thread's Python traceback (crash_evidence); an exit with an
+  error code fails at once.
   """
   workdir = next(a.split("=", 1)[1] for a in args
                  if a.startswith("--workdir="))
@@ -66,8 +72,11 @@ def launch(module, *args, num_processes=1, devices=1, timeout=600):
     if not died or attempt:
       break
     i, rc, stdout, err = died[0]
-    warnings.warn(f"launch.{module}: process {i} died by signal {-rc}; "
-                  f"rerunning once. {_report(stdout, err)}")
+    message = (f"launch.{module}: process {i} died by signal {-rc}; "
+               f"rerunning once.\nCrash evidence:\n{crash_evidence(err)}\n"
+               f"Report: {_report(stdout, err)}")
+    print(message, file=sys.stderr)
+    warnings.warn(message)
     shutil.rmtree(workdir, ignore_errors=True)
     if os.path.exists(before):
       shutil.copytree(before, workdir)
@@ -98,6 +107,25 @@ def _report(stdout: str, stderr: str) -> str:
           "\n".join(lines[:60])[:4000] + "\n...\n" + stderr[-1500:])
 
 
+def crash_evidence(stderr: str, limit: int = 20000) -> str:
+  """A dead child's own account of its crash, from its stderr.
+
+  The C++ fatal and error log lines (`F1201 ...`, `E1201 ...`, e.g. an XLA
+  check that failed) and faulthandler's dump: from `Fatal Python error` up to
+  the extension module list, every thread's Python traceback.
+  """
+  lines = stderr.splitlines()
+  logged = [l for l in lines if re.match(r"[FE]\d{4} ", l)]
+  start = next((j for j, l in enumerate(lines)
+                if l.startswith("Fatal Python error")), None)
+  dump = []
+  if start is not None:
+    dump = list(itertools.takewhile(
+        lambda l: not l.startswith("Extension modules:"), lines[start:]))
+  text = "\n".join(logged[-20:] + dump)
+  return text[:limit] if text else "(no fatal log line, no faulthandler dump)"
+
+
 def _same_except_time(a, b):
   assert sorted(a) == sorted(b)
   for name in a:
@@ -117,9 +145,9 @@ def _sigma_table(workdir):
   ckpt = checkpoint.Checkpointer(workdir, create=False)
   meta = ckpt.read_meta()
   import jax
-  from dds_jax import train
+  from dds_jax import models
   from dds_jax.configs import digits
-  bundle = train.build_model(digits.get_config("small"), (8, 8, 1))
+  bundle = models.build_from_config(digits.get_config("small"), (8, 8, 1))
   template = jax.eval_shape(bundle.init, jax.random.key(0))
   out = ckpt.restore(template, sigma_table_like=np.zeros(meta["num_train"],
                                                          np.float32),
@@ -300,6 +328,32 @@ def test_main_job_on_two_processes(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, name)), name
   rows = analysis.read_tsv(os.path.join(tmp_path, "ds", "certify.tsv"))
   assert len(rows["idx"]) == 30 and rows["changed"].sum() == 0
+
+
+def test_a_launcher_that_aborts_leaves_every_thread_traceback(tmp_path):
+  """faulthandler is on in the launchers: SIGABRT (what a failed XLA check or
+  a fatal Python error raises) prints the Python traceback of every thread,
+  which crash_evidence finds for launch()'s report."""
+  workdir = str(tmp_path / "w")
+  (proc,) = start("train", f"--config={DIGITS}", f"--workdir={workdir}")
+  deadline = time.time() + 300
+  try:
+    while (proc.poll() is None and time.time() < deadline and
+           not os.path.exists(os.path.join(workdir, "train_config.json"))):
+      time.sleep(0.02)
+    assert proc.poll() is None, "training ended before the signal"
+    proc.send_signal(signal.SIGABRT)
+    _, stderr = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGABRT
+  evidence = crash_evidence(stderr)
+  assert evidence.startswith("Fatal Python error: Aborted"), stderr[-3000:]
+  assert "(most recent call first)" in evidence
+  assert "Extension modules" not in evidence
+  # Our frames, unless faulthandler cut a deep stack at 100 frames ("...").
+  assert ("dds_jax/train.py" in evidence or "\n  ..." in evidence), evidence
 
 
 def test_inconsistent_process_arguments_are_config_errors():

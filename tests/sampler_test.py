@@ -35,7 +35,11 @@ def test_counts_do_not_depend_on_examples_per_call(cnn):
   ids = np.arange(100, 107)
   whole = _counts(bundle, params, x, ids)
   assert np.all(whole.sum(1) == 250)
-  assert len(np.unique(whole.argmax(1))) >= 1
+  # One image under the 7 ids: distinct ids draw distinct noise (not 7 equal
+  # rows), and id 100's row is x[0]'s whatever the other examples are.
+  same = _counts(bundle, params, np.repeat(x[:1], 7, axis=0), ids)
+  assert len(np.unique(same, axis=0)) > 1
+  np.testing.assert_array_equal(same[0], whole[0])
   for n in (5, 6):           # n - 1, n, n + 1 around a call size of 6
     parts = [_counts(bundle, params, x[i:i + n], ids[i:i + n])
              for i in range(0, 7, n)]
@@ -180,3 +184,17 @@ def test_sampler_compiles_ahead_of_time_for_a_64_device_mesh():
                        cwd=conftest.REPO)
   assert res.returncode == 0, res.stderr[-3000:]
   assert res.stdout.split() == ["64", "True", "True", "True"]
+
+
+def test_any_batch_size_of_at_least_one_block(cnn):
+  """A power-of-two batch runs the largest multiple of the block that fits;
+  counts are unchanged."""
+  bundle, params, x = cnn
+  ids = np.arange(7)
+  ref = _counts(bundle, params, x, ids, batch_size=200)
+  for batch_size in (128, 256, 1024):
+    np.testing.assert_array_equal(
+        _counts(bundle, params, x, ids, batch_size=batch_size), ref)
+  assert sampler.blocks_per_step(1024, 100) == 10
+  with pytest.raises(dds_jax.InputError, match="samples_per_block"):
+    _counts(bundle, params, x, ids, batch_size=49)

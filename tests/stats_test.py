@@ -1,26 +1,93 @@
 """Statistics against SciPy and closed forms, including n_A = 0 and n_A = n."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy import stats as sps
 
+from dds_jax import analysis
 from dds_jax import stats
 
 
-def _reference_lower(n_a, n, alpha):
-  # statsmodels' proportion_confint(n_a, n, alpha=2 * alpha, method="beta")[0]
-  return 0.0 if n_a == 0 else sps.beta.ppf(alpha, n_a, n - n_a + 1)
+def _lower_by_bisection(n_a, n, alpha):
+  """The Clopper-Pearson lower bound by its definition, not by a Beta quantile.
+
+  The p where P[Bin(n, p) >= n_a] (increasing in p) crosses alpha, found by
+  bisection on log p over [log 5e-324, 0] to a relative 1e-13 (vectorised).
+  Where n_a = 0 the tail is 1 for every p and the bisection ends at the
+  smallest positive double, 0 to any tolerance.
+  """
+  n_a = np.asarray(n_a, np.float64)
+  n = np.asarray(n, np.float64)
+  lo, hi = np.full(n_a.shape, -745.0), np.zeros(n_a.shape)
+  while np.max(hi - lo) > 1e-13:
+    mid = 0.5 * (lo + hi)
+    below = sps.binom.sf(n_a - 1, n, np.exp(mid)) < alpha
+    lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+  return np.exp(0.5 * (lo + hi))
 
 
-def test_lower_confidence_bound_matches_scipy_on_random_counts():
+def _binom_tail(k, n, p, upper=True):
+  """P[Bin(n, p) >= k] (upper) or P[Bin(n, p) <= k], summed in pure Python."""
+  if p <= 0.0 or p >= 1.0:
+    x = 0 if p <= 0.0 else n
+    return float(x >= k if upper else x <= k)
+  terms = range(k, n + 1) if upper else range(0, k + 1)
+  return math.fsum(
+      math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+               + i * math.log(p) + (n - i) * math.log1p(-p)) for i in terms)
+
+
+def _bisect(f, target, increasing):
+  """The p in [0, 1] where the monotone f crosses target, to 1e-14."""
+  lo, hi = 0.0, 1.0
+  while hi - lo > 1e-14:
+    mid = 0.5 * (lo + hi)
+    if (f(mid) < target) == increasing:
+      lo = mid
+    else:
+      hi = mid
+  return 0.5 * (lo + hi)
+
+
+def test_lower_confidence_bound_is_the_root_of_the_binomial_tail():
   rng = np.random.default_rng(0)
   n = rng.integers(1, 200_000, size=300)
   n_a = rng.integers(0, n + 1)
   n_a[:5], n_a[5:10] = 0, n[5:10]        # the edges
+  n[10], n_a[10] = 1, 1
   for alpha in (0.001, 0.01, 0.05):
     got = stats.lower_confidence_bound(n_a, n, alpha)
-    want = [_reference_lower(a, b, alpha) for a, b in zip(n_a, n)]
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    want = _lower_by_bisection(n_a, n, alpha)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
+    assert np.all(got[:5] == 0.0)
+    np.testing.assert_allclose(got[5:11], alpha ** (1.0 / n[5:11]), rtol=1e-12)
+
+
+def test_clopper_pearson_interval_is_the_roots_of_pure_python_tails():
+  # Each end of the 1 - 2 tail interval leaves `tail` outside: lo is where
+  # P[Bin(n, lo) >= k] = tail, hi where P[Bin(n, hi) <= k] = tail.
+  cases = [(0, 1), (1, 1), (0, 7), (7, 7), (1, 7), (3, 10), (0, 50), (50, 50),
+           (1, 50), (49, 50), (17, 40)]
+  for level in (0.95, 0.998):
+    tail = (1 - level) / 2
+    k = np.array([c[0] for c in cases])
+    n = np.array([c[1] for c in cases])
+    lo, hi = stats.clopper_pearson_interval(k, n, level)
+    for i, (ki, ni) in enumerate(cases):
+      want_lo = _bisect(lambda p: _binom_tail(ki, ni, p), tail, True)
+      want_hi = _bisect(lambda p: _binom_tail(ki, ni, p, upper=False), tail,
+                        False)
+      assert lo[i] == pytest.approx(want_lo, abs=1e-12), (ki, ni, level)
+      assert hi[i] == pytest.approx(want_hi, abs=1e-12), (ki, ni, level)
+      # The one-sided bound of CERTIFY is the lower end of this interval.
+      assert stats.lower_confidence_bound(ki, ni, tail) == lo[i]
+    assert lo[0] == lo[2] == lo[6] == 0.0 and hi[1] == hi[3] == hi[7] == 1.0
+
+
+def test_analysis_interval_is_the_stats_one():
+  assert analysis.clopper_pearson_interval is stats.clopper_pearson_interval
 
 
 def test_lower_bound_equals_two_sided_interval_of_binomtest():

@@ -13,6 +13,7 @@ import pytest
 
 from dds_jax import CheckpointError, ConfigError
 from dds_jax import checkpoint
+from dds_jax import models
 from dds_jax import train
 from dds_jax.configs import digits
 from tests import conftest
@@ -42,7 +43,7 @@ def test_each_method_learns_on_digits(method, ds, tmp_path):
     assert table["min"] == table["max"] == 0.25
   # The table is in the checkpoint and comes back.
   ck = checkpoint.Checkpointer(str(tmp_path), create=False)
-  bundle = train.build_model(config, (8, 8, 1))
+  bundle = models.build_from_config(config, (8, 8, 1))
   template = jax.eval_shape(bundle.init, jax.random.key(0))
   restored = ck.restore(template, sigma_table_like=np.zeros(1437, np.float32))
   t = np.asarray(restored["sigma_table"])
@@ -59,7 +60,7 @@ _RUN = [sys.executable, "-m", "launch.train",
 
 def _restore(workdir):
   config = digits.get_config("small,method=smoothadv,ds")
-  bundle = train.build_model(config, (8, 8, 1))
+  bundle = models.build_from_config(config, (8, 8, 1))
   template = jax.eval_shape(bundle.init, jax.random.key(0))
   ck = checkpoint.Checkpointer(workdir, create=False)
   out = ck.restore(template, sigma_table_like=np.zeros(1437, np.float32))
@@ -106,7 +107,7 @@ def test_export_is_small_and_certify_restores_from_it(tmp_path):
   export = tmp_path / "run" / train.EXPORT_DIR
   assert os.path.getsize(export / checkpoint.EXPORT_PARAMS) < 60_000
   config.certify.checkpoint = str(export)
-  bundle, params = train.restore_params(config, str(tmp_path / "elsewhere"),
+  bundle, params = checkpoint.restore_params(config, str(tmp_path / "elsewhere"),
                                         (8, 8, 1))
   _, _, table = None, None, None
   ck = checkpoint.Checkpointer(str(tmp_path / "run"), create=False)
@@ -127,7 +128,7 @@ def test_bad_training_input_is_refused_and_nothing_overwritten(tmp_path):
   train.train_and_evaluate(good, str(tmp_path / "b"))
   before = sorted(os.listdir(tmp_path / "b" / "checkpoints"))
   ck = checkpoint.Checkpointer(str(tmp_path / "b"), create=False)
-  bundle = train.build_model(good, (8, 8, 1))
+  bundle = models.build_from_config(good, (8, 8, 1))
   with pytest.raises(CheckpointError, match="sigma table"):
     ck.restore(jax.eval_shape(bundle.init, jax.random.key(0)),
                sigma_table_like=np.zeros(100, np.float32))

@@ -138,6 +138,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def check_renamed_overrides(argv) -> None:
+  """A ConfigError naming the new key for a `--config.<old key>` override.
+
+  Launchers call it before absl parses the flags, which would otherwise fail
+  on the missing key with a traceback.
+  """
+  for a in argv:
+    name = a.split("=", 1)[0].lstrip("-")
+    if name.startswith("config.") and name[len("config."):] in RENAMED_KEYS:
+      old = name[len("config."):]
+      raise ConfigError(f"--config.{old} was replaced by {RENAMED_KEYS[old]}")
+
+
 def parse_arg(arg: str | None, known: dict[str, object]) -> dict[str, object]:
   """Parses 'small', 'sigma=0.5,small' style config args against defaults.
 

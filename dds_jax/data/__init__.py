@@ -39,8 +39,10 @@ __all__ = [
     'RawSplit',
     'SPEC_FORMATS',
     'default_cache_dir',
+    'check_fits',
     'iterate_batches',
     'load',
+    'load_split',
     'load_imagefolder_uint8',
     'select',
 ]
@@ -96,3 +98,19 @@ def load(spec: str,
       f'Unknown dataset spec {spec!r}. Valid forms: '
       f'{", ".join(repr(f) for f in SPEC_FORMATS)}.')
 
+
+
+def load_split(config, split: str) -> Dataset:
+  """The split of a dds_jax config's dataset (`config.data.*`)."""
+  dc = config.data
+  return load(dc.name, split, cache_dir=dc.cache_dir or None,
+              class_names=tuple(dc.class_names) or None,
+              data_dir=dc.data_dir or None)
+
+
+def check_fits(config, ds: Dataset) -> None:
+  """A ConfigError unless the dataset has the config's number of classes."""
+  if ds.num_classes != config.model.num_classes:
+    raise errors.ConfigError(
+        f'dataset {ds.name} has {ds.num_classes} classes but '
+        f'model.num_classes={config.model.num_classes}')

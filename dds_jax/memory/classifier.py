@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+from dds_jax import validate
 from dds_jax.certify import certify
 from dds_jax.errors import InputError
 from dds_jax.memory.store import MemoryStore
@@ -89,9 +90,8 @@ class MemoryClassifier:
     """
     if not isinstance(store, MemoryStore):
       raise InputError(f"store must be a MemoryStore; got {type(store)}")
-    want_norm = {"gaussian": 2, "uniform": 1}.get(noise)
-    if want_norm is None:
-      raise InputError(f"noise must be 'gaussian' or 'uniform'; got {noise!r}")
+    want_norm = validate.norm_of(noise)
+    alpha = validate.check_alpha(alpha)
     if store.norm != want_norm:
       raise InputError(f"{noise} noise certifies L{want_norm} radii but the "
                        f"store holds L{store.norm} balls")

@@ -49,10 +49,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from dds_jax import validate
 from dds_jax.errors import DdsError, InputError
 
 ABSTAIN = -1
-NORMS = (1, 2)
+# The norms of certified radii: 2 for gaussian noise, 1 for uniform
+# (`validate.NORM_OF_NOISE`).
+NORMS = tuple(sorted(set(validate.NORM_OF_NOISE.values())))
 # Relative clearance kept between balls of different classes (see module doc).
 CLEARANCE = 2.0 ** -30
 _CLEAR = 1.0 + CLEARANCE
@@ -570,14 +573,34 @@ class MemoryIndex:
       return None
     return int(self._c[idx[j]]), float(depth[j])
 
-  def violations(self, limit: int = 10) -> list[tuple[int, int, float]]:
+  def _check_since(self, since) -> int:
+    if (isinstance(since, bool) or not isinstance(since, (int, np.integer))
+        or not 0 <= since <= self._n):
+      raise InputError(f"since must be an integer in [0, {self._n}] (a number "
+                       f"of entries); got {since!r}")
+    return int(since)
+
+  def violations(self, limit: int = 10,
+                 since: int = 0) -> list[tuple[int, int, float]]:
     """Pairs (j, i) (0-based, j < i) of different classes that overlap.
 
     Uses the filter and `exact_distances` with the later entry as the query,
-    as the rule does. Costs O(k^2) projected dot products.
+    as the rule does. Only pairs with i >= since are examined, i.e. every pair
+    that involves an entry after the first `since` (each against all the
+    entries before it): O((k - since) k) projected dot products, O(k^2) for
+    since = 0 (every pair).
+
+    Args:
+      limit: stop after this many pairs.
+      since: entries 0 .. since - 1 are taken as already checked among
+        themselves (e.g. the size of the memory before a run).
+
+    Returns:
+      Up to `limit` pairs (j, i, d(x_i, x_j)), by increasing i.
     """
+    since = self._check_since(since)
     found = []
-    for s in range(0, self._n, _QUERY_CHUNK):
+    for s in range(since, self._n, _QUERY_CHUNK):
       e = min(self._n, s + _QUERY_CHUNK)
       dots = _dots(self._p[:e], self._p[s:e])
       qs = [_Query(self._x[i], self._p[i], math.sqrt(self._pn2[i]),
@@ -598,9 +621,19 @@ class MemoryIndex:
             return found
     return found
 
-  def check_invariant(self, raise_error: bool = False) -> bool:
-    """True when no two stored balls of different classes intersect."""
-    bad = self.violations(limit=1)
+  def check_invariant(self, raise_error: bool = False, since: int = 0) -> bool:
+    """True when no two stored balls of different classes intersect.
+
+    (With since > 0: no two among the pairs checked.)
+
+    Args:
+      raise_error: raise `MemoryInvariantError` on the first violation
+        instead of returning False.
+      since: check only the pairs that involve an entry after the first
+        `since` (each against every entry before it), O((k - since) k); 0
+        (the default) checks every pair, O(k^2).
+    """
+    bad = self.violations(limit=1, since=since)
     if bad and raise_error:
       j, i, d = bad[0]
       raise MemoryInvariantError(

@@ -36,6 +36,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from dds_jax import validate
 from dds_jax.errors import DdsError, InputError
 from dds_jax.memory import rule as rule_lib
 
@@ -144,10 +145,8 @@ class MemoryStore:
     self.dataset = dataset
     self.model_fingerprint = model_fingerprint
     self.norm = rule_lib.check_norm(norm)
-    if alpha is not None and not (isinstance(alpha, (int, float)) and
-                                  0.0 < alpha < 1.0):
-      raise InputError(f"alpha must be None or in (0, 1); got {alpha!r}")
-    self.alpha = None if alpha is None else float(alpha)
+    self.alpha = (None if alpha is None else
+                  validate.check_alpha(alpha, "alpha (when given)"))
     self._index = rule_lib.MemoryIndex(self.input_shape, self.dtype, self.norm)
     self._lock = threading.RLock()
     self._conn = None
@@ -166,7 +165,7 @@ class MemoryStore:
     except sqlite3.DatabaseError as e:
       self._close_conn()
       raise MemoryStoreError(f"cannot open memory store {self.path}: "
-                             f"{type(e).__name__}: {e}") from None
+                             f"{type(e).__name__}: {e}") from e
     except BaseException:
       self._close_conn()
       raise
@@ -450,8 +449,7 @@ class MemoryStore:
         e is None or (isinstance(e, (int, np.integer)) and
                       not isinstance(e, bool)) for e in example_ids):
       raise InputError(f"example_ids must be {b} integers or None")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-      raise InputError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
+    chunk_size = validate.check_count(chunk_size, "chunk_size")
     out = [np.empty(b, np.int64), np.empty(b), np.empty(b, bool),
            np.empty(b, np.int64)]
     with self._lock:
@@ -503,7 +501,7 @@ class MemoryStore:
     Returns:
       A dict; union_bound is None when no alpha is known.
     """
-    alpha = self.alpha if alpha is None else float(alpha)
+    alpha = self.alpha if alpha is None else validate.check_alpha(alpha)
     with self._lock:
       self._refresh()
       k = len(self._index)
@@ -518,12 +516,24 @@ class MemoryStore:
         input_shape=self.input_shape, dtype=self.dtype, norm=self.norm,
         created_at=self.created_at)
 
-  def check_invariant(self, raise_error: bool = False) -> bool:
+  def check_invariant(self, raise_error: bool = False, since: int = 0) -> bool:
     """True when no two stored balls of different classes intersect.
 
     Uses the rule's own float64 distance and test (`rule.exact_distances`,
-    `rule.overlaps`). O(k^2) projected dot products: seconds for 10k entries.
+    `rule.overlaps`). O(k^2) projected dot products for every pair: seconds
+    for 10k entries, minutes for 100k.
+
+    Args:
+      raise_error: raise `rule.MemoryInvariantError` on a violation instead
+        of returning False.
+      since: a number of certificates (ids 1 .. since) taken as already
+        checked among themselves, e.g. `len(store)` before a run: only pairs
+        with a certificate of id > since are examined (each against all
+        others), O((k - since) k). 0 (the default) checks every pair.
+
+    Raises:
+      InputError: since is not an integer in [0, k].
     """
     with self._lock:
       self._refresh()
-      return self._index.check_invariant(raise_error)
+      return self._index.check_invariant(raise_error, since=since)

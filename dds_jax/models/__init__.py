@@ -291,7 +291,23 @@ __all__ = [
     'SmallCNN',
     'Variables',
     'build',
+    'build_from_config',
     'count_params',
     'default_stats',
     'make_apply_fn',
 ]
+
+
+def build_from_config(config, image_shape: Sequence[int],
+                      training: bool = False) -> ModelBundle:
+  """The model of a dds_jax config (`config.model.*`).
+
+  In training, bf16 compute when `config.train.dtype` says so.
+  """
+  kwargs = {}
+  if training and config.train.dtype == 'bfloat16':
+    kwargs['dtype'] = jnp.bfloat16
+  if config.model.conv_features:
+    kwargs['conv_features'] = tuple(config.model.conv_features)
+  return build(config.model.name, config.model.num_classes,
+               tuple(image_shape), **kwargs)
