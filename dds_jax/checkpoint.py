@@ -11,7 +11,7 @@ A checkpoint step holds named items, each saved atomically by orbax's
 `export_params` writes a parameters-only copy (float32 or bfloat16, no
 optimizer state) as one msgpack file for certification elsewhere.
 
-Certification restores `params` alone. Resume order (STYLE.md): the latest step
+Certification restores `params` alone. Resume order (as in big_vision's trainers): the latest step
 in this workdir, else an explicit init path, else fresh.
 """
 

@@ -247,6 +247,75 @@ def sigma_stats(table: np.ndarray, bins: int = 20) -> dict[str, Any]:
           "hist_edges": [float(e) for e in edges]}
 
 
+def _restore_or_start(config, workdir, ckpt, variables, opt_state, table,
+                      mesh):
+  """The latest checkpoint of workdir, else the fresh state given.
+
+  Returns:
+    (variables, opt_state, sigma table, (step, epoch, batch in the epoch)).
+  """
+  if ckpt.latest_step() is None:
+    return variables, opt_state, table, (0, 0, 0)
+  meta = ckpt.read_meta()
+  for name, want in (("model", config.model.name),
+                     ("method", config.train.method),
+                     ("data", config.data.name)):
+    if meta.get(name) != want:
+      raise ConfigError(f"{workdir} holds a checkpoint with {name} "
+                        f"{meta.get(name)!r}, not {want!r}; use another "
+                        "--workdir")
+  restored = ckpt.restore(variables, opt_state, sigma_table_like=table,
+                          sharding=NamedSharding(mesh, P()))
+  position = (meta["step"], meta["epoch"], meta["batch"])
+  if distributed.is_main():
+    print(f"resuming from step {position[0]} (epoch {position[1]}, batch "
+          f"{position[2]})", flush=True)
+  return (restored["params"], restored["opt_state"],
+          np.asarray(restored["sigma_table"]), position)
+
+
+def _epoch_metrics(config, epoch, step, ds_active, sums, table, eps_adv,
+                   test_accuracy, noisy_test_accuracy, elapsed):
+  """One line of metrics.jsonl."""
+  tc = config.train
+  sums = jax.device_get(sums) if sums is not None else None
+  count = float(sums["count"]) if sums else 0.0
+  return {"epoch": epoch + 1, "step": step, "method": tc.method,
+          "ds_active": ds_active,
+          "train_loss": float(sums["loss"]) / count if count else None,
+          "train_accuracy": float(sums["correct"]) / count if count else None,
+          "test_accuracy": test_accuracy,
+          "noisy_test_accuracy": noisy_test_accuracy,
+          "sigma0": float(config.noise.sigma),
+          "sigma_table": sigma_stats(np.asarray(table)),
+          "smoothadv_eps": (float(eps_adv) if tc.method == "smoothadv"
+                            else None),
+          "epoch_time_s": elapsed,
+          "images_per_s": count / max(elapsed, 1e-9)}
+
+
+def _log_epoch(last, config, metrics_path, writer, table) -> None:
+  """metrics.jsonl, TensorBoard (when installed) and the console line."""
+  with open(metrics_path, "a") as f:
+    f.write(json.dumps(last) + "\n")
+  if writer is not None:
+    for name in ("train_loss", "train_accuracy", "test_accuracy",
+                 "noisy_test_accuracy", "images_per_s"):
+      if last[name] is not None:
+        writer.add_scalar(name, last[name], last["step"])
+    writer.add_histogram("sigma_table", np.asarray(table), last["step"])
+    writer.flush()
+  st = last["sigma_table"]
+  loss, acc = last["train_loss"], last["train_accuracy"]
+  print(f"epoch {last['epoch']}/{config.train.epochs}: loss "
+        f"{loss if loss is None else f'{loss:.4f}'} train acc "
+        f"{acc if acc is None else f'{acc:.3f}'} test acc "
+        f"{last['test_accuracy']:.3f} noisy test acc "
+        f"{last['noisy_test_accuracy']:.3f} sigma {st['mean']:.3f} "
+        f"[{st['min']:.3f}, {st['max']:.3f}] ({last['epoch_time_s']:.1f} s)",
+        flush=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (or resumes) and writes checkpoints and metrics under workdir.
@@ -257,6 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   common.validate(config)
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
+
+  # --- Data, mesh, model and optimizer; resume from the latest checkpoint. --
   train_ds = data_lib.load_split(config, config.data.train_split)
   test_ds = data_lib.load_split(config, config.data.test_split)
   data_lib.check_fits(config, train_ds)
@@ -287,27 +358,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   table = np.full(len(train_ds), config.noise.sigma, np.float32)
 
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.ckpt.max_to_keep)
-  start_epoch, start_batch, step = 0, 0, 0
-  if ckpt.latest_step() is not None:
-    meta = ckpt.read_meta()
-    for name, want in (("model", config.model.name),
-                       ("method", tc.method), ("data", config.data.name)):
-      if meta.get(name) != want:
-        raise ConfigError(f"{workdir} holds a checkpoint with {name} "
-                          f"{meta.get(name)!r}, not {want!r}; use another "
-                          "--workdir")
-    restored = ckpt.restore(variables, opt_state, sigma_table_like=table,
-                            sharding=NamedSharding(mesh, P()))
-    variables, opt_state = restored["params"], restored["opt_state"]
-    table = np.asarray(restored["sigma_table"])
-    step, start_epoch, start_batch = meta["step"], meta["epoch"], meta["batch"]
-    if main:
-      print(f"resuming from step {step} (epoch {start_epoch}, batch "
-            f"{start_batch})", flush=True)
+  variables, opt_state, table, (step, start_epoch, start_batch) = (
+      _restore_or_start(config, workdir, ckpt, variables, opt_state, table,
+                        mesh))
   if main:
     with open(os.path.join(workdir, "train_config.json"), "w") as f:
       f.write(config.to_json(indent=2))
 
+  # --- Placement: replicated state, batches split over `data`. ------------
   batch_sharding = NamedSharding(mesh, P(distributed.DATA_AXIS))
   # Parameters, optimizer state and the sigma table are replicated on every
   # device (of every process); batches are split over the `data` axis.
@@ -338,6 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                "num_train": len(train_ds)},
               sigma_table=table)
 
+  # --- Training epochs, a checkpoint every ckpt.every_steps. ---------------
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   bar = progress_lib.Progress(total_steps, "train", unit="steps", every_s=15,
                               enabled=main)
@@ -368,43 +427,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       bar.update(step)
       if step % config.ckpt.every_steps == 0 and step < total_steps:
         save(epoch, b_idx + 1)
+    # --- Evaluation, metrics. ----------------------------------------------
     clean = noisy = 0
     for batch in data_lib.iterate_batches(eval_ds, eval_bs, rows=eval_rows):
       batch["id_words"] = noise_lib.id_words(batch.pop("example_ids"))
       c, n = eval_step(variables, put(batch, eval_bs), key, sigma)
       clean, noisy = clean + int(c), noisy + int(n)
-    sums = jax.device_get(sums) if sums is not None else None
-    count = float(sums["count"]) if sums else 0.0
-    elapsed = time.time() - t0
-    last = {"epoch": epoch + 1, "step": step, "method": tc.method,
-            "ds_active": ds_active,
-            "train_loss": float(sums["loss"]) / count if count else None,
-            "train_accuracy": float(sums["correct"]) / count if count else None,
-            "test_accuracy": clean / len(eval_ds),
-            "noisy_test_accuracy": noisy / len(eval_ds),
-            "sigma0": float(config.noise.sigma),
-            "sigma_table": sigma_stats(np.asarray(table)),
-            "smoothadv_eps": float(eps_adv) if tc.method == "smoothadv" else None,
-            "epoch_time_s": elapsed,
-            "images_per_s": count / max(elapsed, 1e-9)}
+    last = _epoch_metrics(config, epoch, step, ds_active, sums, table,
+                          eps_adv, clean / len(eval_ds), noisy / len(eval_ds),
+                          time.time() - t0)
     if main:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(last) + "\n")
-    if writer is not None:
-      for name in ("train_loss", "train_accuracy", "test_accuracy",
-                   "noisy_test_accuracy", "images_per_s"):
-        if last[name] is not None:
-          writer.add_scalar(name, last[name], step)
-      writer.add_histogram("sigma_table", np.asarray(table), step)
-      writer.flush()
-    st = last["sigma_table"]
-    if main:
-      print(f"epoch {epoch + 1}/{tc.epochs}: loss {last['train_loss']:.4f} "
-            f"train acc {last['train_accuracy']:.3f} test acc "
-            f"{last['test_accuracy']:.3f} noisy test acc "
-            f"{last['noisy_test_accuracy']:.3f} sigma {st['mean']:.3f} "
-            f"[{st['min']:.3f}, {st['max']:.3f}] ({elapsed:.1f} s)",
-            flush=True)
+      _log_epoch(last, config, metrics_path, writer, table)
+
+  # --- The last checkpoint and the parameters-only export. ------------------
   if ckpt.latest_step() != step:
     save(tc.epochs, 0)
   ckpt.wait()

@@ -1,4 +1,4 @@
-"""Memory-based certification (PAPER.md section 4): rule, store, classifier.
+"""Memory-based certification (see docs/method.md, "The memory"): rule, store, classifier.
 
   * `apply_memory` / `memory_rule`: the pure rule, in query order;
   * `MemoryIndex`: the memory in RAM with a pre-filtered candidate search;

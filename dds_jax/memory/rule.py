@@ -1,4 +1,4 @@
-"""The memory rule of data-dependent smoothing (PAPER.md section 4), in RAM.
+"""The memory rule of data-dependent smoothing (see docs/method.md, "The memory"), in RAM.
 
 With sigma chosen per input, Cohen's radius at x says nothing about the
 prediction at x + delta. A memory M of issued certificates (x_j, c_j, R_j) is
