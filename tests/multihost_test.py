@@ -356,6 +356,38 @@ def test_a_launcher_that_aborts_leaves_every_thread_traceback(tmp_path):
   assert ("dds_jax/train.py" in evidence or "\n  ..." in evidence), evidence
 
 
+def test_a_run_that_dies_by_a_signal_reruns_once_showing_its_trace(
+    tmp_path, monkeypatch, capsys):
+  """launch() reruns a child that died by a signal once, and its warning (and
+  stderr, for -rA) carries the child's faulthandler dump."""
+  aborts = ("import faulthandler, os, signal\n"
+            "faulthandler.enable()\n"
+            "def crash_here():\n"
+            "  os.kill(os.getpid(), signal.SIGABRT)\n"
+            "crash_here()\n")
+  runs = []
+
+  def fake_start(module, *args, num_processes=1, devices=1):
+    del module, args, num_processes, devices
+    runs.append(1)
+    code = aborts if len(runs) == 1 else "print('ok')"
+    return [subprocess.Popen([sys.executable, "-c", code], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+
+  monkeypatch.setattr(sys.modules[__name__], "start", fake_start)
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "before.txt").write_text("kept")
+  with pytest.warns(UserWarning, match="died by signal 6") as record:
+    out = launch("certify", f"--workdir={workdir}")
+  assert len(runs) == 2 and out[0][0] == 0 and out[0][1] == "ok\n"
+  message = str(record[0].message)
+  assert "Fatal Python error: Aborted" in message
+  assert "crash_here" in message            # the dead child's own frames
+  assert "crash_here" in capsys.readouterr().err
+  assert (workdir / "before.txt").read_text() == "kept"
+
+
 def test_inconsistent_process_arguments_are_config_errors():
   from dds_jax import distributed
   from dds_jax import errors
