@@ -4,7 +4,7 @@ files.
 Usage (from the repository root; not part of the test run)::
 
   PYTHONPATH=. python bench/kill_soak.py [--kills=100] [--seed=0]
-      [--workdir=/tmp/kill_soak] [--out=bench/results/kill_soak.json]
+      [--workdir=runs/kill_soak] [--out=bench/results/kill_soak.json]
 
 Trains the digits `small` model once (`launch.train`), certifies its test
 examples once uninterrupted (`launch.certify`, data-dependent sigma with the
