@@ -7,8 +7,10 @@ The three choices of `certify.*` (see `dds_jax.configs.common`):
 
   * `procedure`: 'cohen', Cohen's CERTIFY (`dds_jax.certify.certify`);
   * `sigma_method`: 'fixed' (`noise.sigma`), 'ascent' (per-input sigma from
-    `dds_jax.sigma_opt.optimize_sigma` started at `noise.sigma`, saved to
-    `sigma.tsv`) or 'file' (read from `sigma_opt.sigma_file`);
+    `dds_jax.sigma_opt.optimize_sigma` started at `noise.sigma`), 'grid' (the
+    certificate-aware `dds_jax.sigma_opt.select_sigma_grid` over
+    `sigma_grid.sigmas`), both saved to `sigma.tsv`, or 'file' (read from
+    `sigma_opt.sigma_file`);
   * `soundness`: 'none', or 'memory': the memory rule in query order through
     the persistent store (`_memory_rule` -> `dds_jax.memory.MemoryStore`):
     columns `predict_mem`, `radius_mem`, `changed`.
@@ -246,15 +248,25 @@ def _choose_sigma(run: _Run, part, mine, sigma_rows) -> np.ndarray:
     return np.full(len(mine), sigma0)
   if method == "file":
     return _read_sigma_file(so.sigma_file, mine.example_ids)
-  sigma, info = sigma_opt_lib.optimize_sigma(
-      run.bundle.apply_fn, run.params, mine.images, sigma0, run.key,
-      steps=so.steps, lr=so.lr, num_samples=so.num_samples,
-      clip=tuple(so.clip), sigma_min=so.sigma_min, noise=config.noise.kind,
-      optimizer=run.sigma_optimizer, example_ids=mine.example_ids,
-      examples_per_device=so.examples_per_device, mesh=run.mesh,
-      return_info=True)
-  sigma_rows["nonfinite_steps"] += distributed.gather_rows(
-      info.nonfinite_steps).tolist()
+  if method == "grid":
+    cc = config.certify
+    choice = sigma_opt_lib.select_sigma_grid(
+        run.bundle.apply_fn, run.params, mine.images, run.key,
+        grid=tuple(config.sigma_grid.sigmas), pilot=config.sigma_grid.pilot,
+        n=cc.n, alpha=cc.alpha, sigma0=sigma0, noise=config.noise.kind,
+        example_ids=mine.example_ids, batch_size=cc.batch_size,
+        samples_per_block=cc.samples_per_block, mesh=run.mesh)
+    sigma, nonfinite = choice.sigma, np.zeros(len(mine), np.int64)
+  else:  # ascent
+    sigma, info = sigma_opt_lib.optimize_sigma(
+        run.bundle.apply_fn, run.params, mine.images, sigma0, run.key,
+        steps=so.steps, lr=so.lr, num_samples=so.num_samples,
+        clip=tuple(so.clip), sigma_min=so.sigma_min, noise=config.noise.kind,
+        optimizer=run.sigma_optimizer, example_ids=mine.example_ids,
+        examples_per_device=so.examples_per_device, mesh=run.mesh,
+        return_info=True)
+    nonfinite = info.nonfinite_steps
+  sigma_rows["nonfinite_steps"] += distributed.gather_rows(nonfinite).tolist()
   sigma_rows["idx"] += part.example_ids.tolist()
   sigma_rows["sigma0"] += [sigma0] * len(part)
   sigma_rows["sigma"] += distributed.gather_rows(sigma).tolist()
@@ -322,6 +334,22 @@ def _memory_rule(store, part, cert, pending):
   return mem, pending
 
 
+def _sigma_cost(config) -> int:
+  """Forward passes per example spent on choosing sigma.
+
+  grid: every candidate's pilot draws; ascent: each step's forward-mode
+  derivative costs about two forward passes of its m draws, plus the final
+  proxy evaluation; fixed and file: none.
+  """
+  method = config.certify.sigma_method
+  if method == "grid":
+    return len(config.sigma_grid.sigmas) * int(config.sigma_grid.pilot)
+  if method == "ascent":
+    so = config.sigma_opt
+    return (2 * so.steps + 1) * so.num_samples
+  return 0
+
+
 def _summarize(run: _Run, rows, wall, sigma_time, examples_this_run,
                store_rows_at_start) -> tuple[dict[str, Any], dict]:
   """summary.json's content and the curves of the plot."""
@@ -340,6 +368,10 @@ def _summarize(run: _Run, rows, wall, sigma_time, examples_this_run,
                       "max": float(sig.max()),
                       "mean_minus_sigma0": float(sig.mean() - sigma0)},
       "n0": cc.n0, "n": cc.n, "alpha": cc.alpha, "seed": config.seed,
+      # Cost of choosing sigma, in forward passes per example, beside
+      # CERTIFY's n0 + n.
+      "sigma_forward_passes": _sigma_cost(config),
+      "certify_forward_passes": cc.n0 + cc.n,
       "noise_version": noise_lib.NOISE_VERSION,
       # Timing of this run's own work (a resumed run counts only the
       # examples it certified itself).

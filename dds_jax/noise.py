@@ -44,6 +44,7 @@ class Purpose(enum.IntEnum):
   ATTACK = 7        # SmoothAdv's attack noise (per training example)
   TRAIN_SIGMA = 8   # the sigma ascent inside a training step
   PROXY_EVAL = 9    # `sigma_opt.evaluate_proxy`'s fixed draws
+  PILOT = 10        # pilot draws of a certificate-aware sigma search
 
 
 def id_words(example_ids) -> np.ndarray:

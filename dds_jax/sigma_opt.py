@@ -21,6 +21,12 @@ id, k), so the result does not depend on batching or device count. A step
 whose gradient is NaN or infinite leaves that example's sigma unchanged and is
 counted (`SigmaInfo.nonfinite_steps`) and logged, never propagated.
 
+A second, certificate-aware way to choose sigma: `select_sigma_grid` counts
+pilot draws (their own noise stream) at every sigma of a grid and takes the
+one whose plug-in Cohen radius at the certification's N and alpha is largest
+(the certificate that will be issued, not the proxy; QCRS's reference code,
+ntuaislab/QCRS, likewise searches sigma on the Cohen radius itself).
+
 References:
   Alfarra, Bibi, Torr, Ghanem. Data Dependent Randomized Smoothing. UAI 2022.
 """
@@ -370,6 +376,112 @@ def evaluate_proxy(apply_fn, params, x, sigma, key: jax.Array, *,
   run = _proxy_fn(apply_fn, num_samples, tuple(float(c) for c in clip), noise)
   return np.asarray(run(params, key, x, sigma, noise_lib.id_words(ids)),
                     np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridChoice:
+  """What `select_sigma_grid` saw, per example (numpy arrays).
+
+  sigma: [B] the chosen sigma.
+  expected_radius: [B, G] plug-in Cohen radius of each grid sigma at the
+    target N (0 where it would abstain).
+  counts: [B, G] pilot hits of each grid sigma's top class (the expected
+    radius is of that class; candidates are the sigmas whose top class is
+    the one predicted nearest sigma0).
+  forward_passes: pilot forward passes per example (G * pilot).
+  """
+  sigma: np.ndarray
+  expected_radius: np.ndarray
+  counts: np.ndarray
+  forward_passes: int
+
+
+def plug_in_radius(top_counts, num_draws: int, sigma, n: int, alpha: float,
+                   noise: str = "gaussian") -> np.ndarray:
+  """Cohen's radius at n draws if the top class kept the pilot's frequency.
+
+  p_hat = top_counts / num_draws; the radius of a certificate with
+  round(p_hat * n) hits out of n (Clopper-Pearson at alpha), 0 where it
+  would abstain. The certificate that will actually be issued, estimated.
+  """
+  from dds_jax import stats  # pylint: disable=g-import-not-at-top
+  p_hat = np.asarray(top_counts, np.float64) / num_draws
+  n_a = np.rint(p_hat * n).astype(np.int64)
+  p_lower = stats.lower_confidence_bound(n_a, n, alpha)
+  return stats.radius_from_p_lower(p_lower, sigma, noise)
+
+
+def select_sigma_grid(apply_fn, params, x, key: jax.Array, *, grid,
+                      pilot: int = 1000, n: int = 10_000,
+                      alpha: float = 0.001, sigma0: Optional[float] = None,
+                      noise: str = "gaussian", example_ids=None,
+                      batch_size: int = sampler.DEFAULT_BATCH_SIZE,
+                      samples_per_block: int = sampler.DEFAULT_SAMPLES_PER_BLOCK,
+                      mesh: Optional[jax.sharding.Mesh] = None,
+                      ) -> GridChoice:
+  """Certificate-aware sigma: the grid sigma with the largest expected radius.
+
+  For every sigma s of the grid, `pilot` draws of their own noise stream
+  (`Purpose.PILOT`, never used for CERTIFY's selection or estimation) count
+  the classes of f(x + s e); the top class's frequency gives the plug-in Cohen
+  radius at the certification's n and alpha (`plug_in_radius`). Among the
+  sigmas whose pilot top class is the one predicted at the grid sigma nearest
+  sigma0, the one with the largest radius is chosen. No label is used. Ties,
+  and inputs where every candidate would abstain, go to the grid sigma
+  closest to sigma0 (in log sigma; default the grid's median). The same unit draws serve every
+  grid sigma (common random numbers), so the comparison is between sigmas,
+  not noise. Certifying at the chosen sigma is data-dependent: make it sound
+  with the memory (`certify.soundness = "memory"`).
+
+  Args:
+    apply_fn, params: the model.
+    x: [B, H, W, C] images in [0, 1].
+    key: PRNG key (the run's; the pilot stream is its own purpose of it).
+    grid: the candidate sigmas (> 0).
+    pilot: draws per grid sigma per example.
+    n, alpha: the certification's N and alpha (the radius to maximise).
+    sigma0: where ties go (default: the grid's median).
+    noise, example_ids, batch_size, samples_per_block, mesh: see
+      `dds_jax.sampler.sample_counts`.
+
+  Returns:
+    A `GridChoice`; its forward_passes is the pilot's cost per example, to
+    compare with CERTIFY's n0 + n.
+  """
+  grid = np.asarray(sorted(float(g) for g in grid), np.float64)
+  if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+    raise InputError(f"grid must hold sigmas > 0; got {grid}")
+  pilot = validate.check_count(pilot, "pilot")
+  n = validate.check_count(n, "n")
+  alpha = validate.check_alpha(alpha)
+  x = validate.check_images(x, allow_empty=jax.process_count() > 1)
+  b, g = x.shape[0], grid.size
+  example_ids = sampler.check_example_ids(example_ids, x)
+  # Every (example, grid sigma) pair is one row; a row's noise is keyed by
+  # the example's id, so all sigmas of an example scale the same unit draws.
+  rows = np.repeat(np.arange(b), g)
+  counts = sampler.sample_counts(
+      apply_fn, params, x[rows], np.tile(grid, b), key, pilot,
+      batch_size=batch_size, example_ids=example_ids[rows],
+      purpose=noise_lib.Purpose.PILOT, samples_per_block=samples_per_block,
+      noise=noise, mesh=mesh)
+  counts = counts.reshape(b, g, -1)
+  top = counts.max(axis=2)
+  radius = plug_in_radius(top, pilot, grid[None, :], n, alpha, noise)
+  center = float(np.median(grid)) if sigma0 is None else float(sigma0)
+  closeness = -np.abs(np.log(grid) - np.log(center))
+  # The class is the one predicted at the grid sigma nearest sigma0: a sigma
+  # whose pilot prefers another class (e.g. the class that large noise makes
+  # of any input) is no candidate, however large its radius.
+  top_class = counts.argmax(axis=2)
+  keep = top_class == top_class[:, [int(np.argmax(closeness))]]
+  score = np.where(keep, radius, -1.0)
+  # Largest radius; among equal ones the sigma closest to sigma0.
+  order = np.lexsort((np.broadcast_to(closeness, radius.shape), score),
+                     axis=1)
+  choice = order[:, -1] if b else np.zeros(0, np.int64)
+  return GridChoice(sigma=grid[choice], expected_radius=radius,
+                    counts=top, forward_passes=int(g * pilot))
 
 
 def make_sigma_fn(apply_fn, params, sigma0, key: jax.Array, **kwargs):

@@ -295,3 +295,24 @@ def test_a_bad_host_device_count_fails_cleanly(tmp_path):
        f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300,
       cwd=conftest.REPO, env=env)
   _assert_clean_failure(res, "DDS_JAX_HOST_DEVICES='two'")
+
+
+def test_certificate_aware_grid_sigma_with_the_memory(trained, tmp_path):
+  workdir, _ = trained
+  res = launch("certify", f"--config={DIGITS}", f"--workdir={tmp_path}/g",
+               f"--config.certify.checkpoint={workdir}/export",
+               "--config.certify.sigma_method=grid",
+               "--config.sigma_grid.sigmas=(0.15,0.25,0.4)",
+               "--config.sigma_grid.pilot=100")
+  assert res.returncode == 0, res.stderr[-3000:]
+  summary = json.load(open(os.path.join(tmp_path, "g", "summary.json")))
+  assert summary["sigma_method"] == "grid"
+  assert summary["sigma_forward_passes"] == 300
+  assert summary["certify_forward_passes"] == 50 + 300
+  assert summary["memory"]["invariant_holds"]
+  cols = analysis.read_tsv(os.path.join(tmp_path, "g", "certify.tsv"))
+  assert set(np.round(cols["sigma"], 6)) <= {0.15, 0.25, 0.4}
+  sig = analysis.read_tsv(os.path.join(tmp_path, "g", "sigma.tsv"),
+                          required=("idx", "sigma"))
+  # The TSV holds the float32 sigma the noise was drawn with.
+  np.testing.assert_allclose(sig["sigma"], cols["sigma"], rtol=1e-6)

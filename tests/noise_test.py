@@ -16,7 +16,7 @@ from tests import conftest
 # purpose, so changing or reusing one fails here.
 PURPOSES = {"SELECT": 0, "ESTIMATE": 1, "PREDICT": 2, "SIGMA_OPT": 3,
             "TRAIN": 4, "INIT": 5, "TRAIN_EVAL": 6, "ATTACK": 7,
-            "TRAIN_SIGMA": 8, "PROXY_EVAL": 9}
+            "TRAIN_SIGMA": 8, "PROXY_EVAL": 9, "PILOT": 10}
 
 
 def test_purpose_values_are_append_only_and_distinct():

@@ -20,7 +20,7 @@ METHODS = ("gaussian", "smoothadv", "macer")
 
 # How a test set is certified: three independent choices (`certify.*`).
 PROCEDURES = ("cohen",)                    # Cohen's fixed-N CERTIFY
-SIGMA_METHODS = ("fixed", "ascent", "file")  # how sigma is chosen per input
+SIGMA_METHODS = ("fixed", "ascent", "grid", "file")  # how sigma is chosen
 SOUNDNESS = ("none", "memory")             # how a data-dependent one is sound
 
 # Keys that were replaced: old configs fail with a message naming the new key.
@@ -104,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.resume = True         # continue an interrupted run of this config
   c.certify.procedure = "cohen"   # cohen: Cohen's CERTIFY, n0 + n draws
   c.certify.sigma_method = "fixed"  # fixed (noise.sigma) | ascent (sigma_opt.*)
-                                    # | file (sigma_opt.sigma_file)
+                                    # | grid (sigma_grid.*) | file
+                                    # (sigma_opt.sigma_file)
   c.certify.soundness = "none"    # none | memory (memory.*): makes a
                                   # data-dependent sigma's certificates sound
   c.certify.check_full_invariant = False  # memory: re-check every stored
@@ -119,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sigma_opt.optimizer = "ascent"  # ascent (paper) | sgd | adam (optax)
   c.sigma_opt.examples_per_device = 8
   c.sigma_opt.sigma_file = ""     # sigma_method = file: a sigma.tsv (idx, sigma)
+
+  c.sigma_grid = ml_collections.ConfigDict()  # certify.sigma_method = grid
+  c.sigma_grid.sigmas = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # candidates
+  c.sigma_grid.pilot = 1000       # pilot draws per candidate (own stream)
 
   c.memory = ml_collections.ConfigDict()  # certify.soundness = memory
   c.memory.path = ""              # "" = <results dir>/memory.sqlite
@@ -267,6 +272,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        "sigma_opt needs steps >= 0, num_samples >= 1 and lr > 0")
   need(0 < so.clip[0] < so.clip[1] < 1, f"sigma_opt.clip={so.clip} must "
        "satisfy 0 < lo < hi < 1")
+  sg = config.sigma_grid
+  need(len(sg.sigmas) >= 1 and all(v > 0 for v in sg.sigmas),
+       f"sigma_grid.sigmas={sg.sigmas} must be sigmas > 0")
+  need(sg.pilot >= 1, f"sigma_grid.pilot must be >= 1; got {sg.pilot}")
   need(0 < so.sigma_min <= config.noise.sigma, f"sigma_opt.sigma_min="
        f"{so.sigma_min} must be in (0, noise.sigma]")
   return config
