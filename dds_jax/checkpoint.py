@@ -11,8 +11,9 @@ A checkpoint step holds named items, each saved atomically by orbax's
 `export_params` writes a parameters-only copy (float32 or bfloat16, no
 optimizer state) as one msgpack file for certification elsewhere.
 
-Certification restores `params` alone. Resume order (as in big_vision's trainers): the latest step
-in this workdir, else an explicit init path, else fresh.
+Certification restores `params` alone (`restore_params`). Resume order (as in
+big_vision's trainers): the latest step in this workdir, else an explicit init
+path, else fresh.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dds_jax.errors import CheckpointError
+from dds_jax import distributed
+from dds_jax import models
+from dds_jax.errors import CheckpointError, ConfigError
 
 CKPT_DIR = "checkpoints"
 
@@ -224,9 +227,6 @@ def restore_params(config, workdir: str, image_shape, mesh=None):
   Returns:
     (models.ModelBundle, variables).
   """
-  from dds_jax import distributed  # pylint: disable=g-import-not-at-top
-  from dds_jax import models  # pylint: disable=g-import-not-at-top
-  from dds_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   bundle = models.build_from_config(config, image_shape)
   template = jax.eval_shape(bundle.init, jax.random.key(0))
   if config.certify.checkpoint:

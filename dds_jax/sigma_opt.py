@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dds_jax import distributed
 from dds_jax import noise as noise_lib
 from dds_jax import sampler
+from dds_jax import stats
 from dds_jax import validate
 from dds_jax.errors import InputError
 
@@ -404,7 +405,6 @@ def plug_in_radius(top_counts, num_draws: int, sigma, n: int, alpha: float,
   round(p_hat * n) hits out of n (Clopper-Pearson at alpha), 0 where it
   would abstain. The certificate that will actually be issued, estimated.
   """
-  from dds_jax import stats  # pylint: disable=g-import-not-at-top
   p_hat = np.asarray(top_counts, np.float64) / num_draws
   n_a = np.rint(p_hat * n).astype(np.int64)
   p_lower = stats.lower_confidence_bound(n_a, n, alpha)

@@ -25,8 +25,8 @@ SOUNDNESS = ("none", "memory")             # how a data-dependent one is sound
 
 # Keys that were replaced: old configs fail with a message naming the new key.
 RENAMED_KEYS = {
-    "sigma_opt.enabled": "certify.sigma_method ('fixed' | 'ascent'; "
-                         "'file' reads sigma_opt.sigma_file)",
+    "sigma_opt.enabled": "certify.sigma_method ('fixed' | 'ascent' | 'grid'"
+                         "; 'file' reads sigma_opt.sigma_file)",
     "memory.enabled": "certify.soundness ('none' | 'memory')",
 }
 
@@ -143,6 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _renamed(old: str) -> ConfigError:
+  return ConfigError(f"config key {old} was replaced by {RENAMED_KEYS[old]}")
+
+
 def check_renamed_overrides(argv) -> None:
   """A ConfigError naming the new key for a `--config.<old key>` override.
 
@@ -152,8 +156,7 @@ def check_renamed_overrides(argv) -> None:
   for a in argv:
     name = a.split("=", 1)[0].lstrip("-")
     if name.startswith("config.") and name[len("config."):] in RENAMED_KEYS:
-      old = name[len("config."):]
-      raise ConfigError(f"--config.{old} was replaced by {RENAMED_KEYS[old]}")
+      raise _renamed(name[len("config."):])
 
 
 def parse_arg(arg: str | None, known: dict[str, object]) -> dict[str, object]:
@@ -193,8 +196,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   def check_keys(have, want, prefix=""):
     for k in have.keys():
       if f"{prefix}{k}" in RENAMED_KEYS:
-        raise ConfigError(f"config key {prefix}{k} was replaced by "
-                          f"{RENAMED_KEYS[prefix + k]}")
+        raise _renamed(f"{prefix}{k}")
       if k not in want:
         raise ConfigError(f"unknown config key {prefix}{k!r}; known keys: "
                           f"{sorted(want.keys())}")

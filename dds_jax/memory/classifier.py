@@ -2,8 +2,9 @@
 
 `MemoryClassifier.predict(x)` runs Cohen's CERTIFY on x (with a per-input
 sigma from `sigma_fn` when given), then `MemoryStore.insert`, and returns the
-memory-adjusted certificate. This is the canonical memory classifier of
-As in the paper's memory (docs/method.md): a batch gives what one-at-a-time processing gives.
+memory-adjusted certificate. This is the canonical memory classifier (see
+docs/method.md, "The memory"): a batch gives what one-at-a-time processing
+gives.
 
 Noise is keyed by the id the query will get in the store (`store.next_id`,
 ...), so answers are a deterministic function of the store's state, the key
