@@ -16,7 +16,13 @@ Definitions used throughout:
 * ACR (average certified radius): ``mean(correct * radius)``, abstentions and
   wrong predictions counting as 0;
 * abstain rate: fraction of rows with ``predict == -1``;
-* 95% interval of a certified accuracy k / n: two-sided Clopper-Pearson.
+* 95% interval of a certified accuracy k / n: two-sided Clopper-Pearson;
+* paired comparison of two runs on the same examples (`paired_comparison`):
+  at each r, McNemar's exact test on the pairs where exactly one run certifies
+  the example correct at r, and Newcombe's 95% interval of the difference;
+* radius cap: a summary may carry ``radius_cap`` (the largest radius its N and
+  alpha can certify, `dds_jax.stats.radius_cap`); tables show radii beyond it
+  as ``beyond cap``, not as measured zeros.
 
 Typical use::
 
@@ -49,7 +55,9 @@ from dds_jax import errors
 # The two-sided exact interval of a certified accuracy k / n: defined in
 # `dds_jax.stats` next to the one-sided bound of CERTIFY (one formula for
 # both), and public here too.
+from dds_jax.stats import binom_pvalue
 from dds_jax.stats import clopper_pearson_interval
+from dds_jax.stats import paired_difference_interval
 
 PathLike = Union[str, os.PathLike]
 
@@ -518,6 +526,110 @@ def summarize(
   return summary
 
 
+def _by_id(columns: Mapping[str, Any], radius_key: str, predict_key: str):
+  radius, correct = radius_and_correct(columns, radius_key=radius_key,
+                                       predict_key=predict_key)
+  _require(columns, 'idx')
+  ids = np.asarray(columns['idx'], np.int64)
+  if np.unique(ids).size != ids.size:
+    raise errors.InputError('duplicate idx: a paired comparison needs one row '
+                            'per example')
+  order = np.argsort(ids)
+  return ids[order], radius[order], correct[order]
+
+
+def paired_comparison(
+    base: Mapping[str, Any],
+    other: Mapping[str, Any],
+    radii: Sequence[float] = DEFAULT_RADII,
+    *,
+    base_keys: tuple[str, str] = ('radius', 'predict'),
+    other_keys: tuple[str, str] = ('radius', 'predict'),
+    level: float = 0.95,
+) -> dict[str, Any]:
+  """Compares two certification runs on the same examples, at each radius.
+
+  The outcome of an example at r is "certified and correct at r". For each r:
+  ``only_other`` (b) and ``only_base`` (c) count the discordant examples,
+  ``difference`` = (b - c) / n is other's certified accuracy minus base's,
+  ``ci_low`` / ``ci_high`` its Newcombe interval at `level`
+  (`dds_jax.stats.paired_difference_interval`) and ``p_value`` McNemar's
+  exact two-sided test (binomial test of b out of b + c at 1/2; 1 when
+  b + c = 0).
+
+  Args:
+    base: columns of the baseline run (as from `read_tsv`), with ``idx``.
+    other: columns of the compared run, the same set of ``idx``.
+    radii: radii to compare at.
+    base_keys: (radius column, prediction column) of the base run.
+    other_keys: the same for the other run, e.g. ``('radius_mem',
+      'predict_mem')``.
+    level: confidence level of the intervals.
+
+  Returns:
+    A JSON-serialisable dict of lists, one entry per radius, plus ``radii``
+    and ``num_examples``.
+
+  Raises:
+    InputError: the runs do not cover the same examples, or a column is
+      missing.
+  """
+  ids_b, rad_b, cor_b = _by_id(base, *base_keys)
+  ids_o, rad_o, cor_o = _by_id(other, *other_keys)
+  if ids_b.shape != ids_o.shape or np.any(ids_b != ids_o):
+    raise errors.InputError(
+        f'the runs cover different examples ({ids_b.size} vs {ids_o.size} '
+        'rows, or other idx): a paired comparison needs the same ones')
+  out = {k: [] for k in ('only_other', 'only_base', 'both', 'neither',
+                         'difference', 'ci_low', 'ci_high', 'p_value')}
+  radii = [float(r) for r in radii]
+  for r in radii:
+    yes_b = (cor_b == 1) & (rad_b >= r)
+    yes_o = (cor_o == 1) & (rad_o >= r)
+    a, b = int(np.sum(yes_b & yes_o)), int(np.sum(yes_o & ~yes_b))
+    c, d = int(np.sum(yes_b & ~yes_o)), int(np.sum(~yes_b & ~yes_o))
+    diff, lo, hi = paired_difference_interval(a, b, c, d, level)
+    for key, v in (('only_other', b), ('only_base', c), ('both', a),
+                   ('neither', d), ('difference', diff), ('ci_low', lo),
+                   ('ci_high', hi),
+                   ('p_value', float(binom_pvalue(b, c)[0]))):
+      out[key].append(v)
+  return {'radii': radii, 'num_examples': int(ids_b.size), **out}
+
+
+def format_paired(comparisons: Mapping[str, Mapping[str, Any]],
+                  caps: Mapping[str, float | None] | None = None) -> str:
+  """A Markdown table of `paired_comparison` outputs, one row per run.
+
+  Each cell reads ``+0.072 [+0.046, +0.102] 26:0 p=3.0e-08``: the difference
+  in certified accuracy against the baseline, its 95% interval, the
+  discordant counts (only this run : only the baseline) and McNemar's exact
+  p-value. ``beyond cap`` where r exceeds `caps[name]` (the larger of the two
+  runs' caps).
+  """
+  if not comparisons:
+    raise errors.InputError('no comparisons to format')
+  radii = sorted({float(r) for c in comparisons.values() for r in c['radii']})
+  header = ['vs baseline'] + [f'r={_radius_label(r)}' for r in radii]
+  rows = []
+  for name, c in comparisons.items():
+    cap = (caps or {}).get(name)
+    row = [str(name).replace('|', '\\|')]
+    for r in radii:
+      if r not in c['radii']:
+        row.append('-')
+        continue
+      if cap is not None and r > cap:
+        row.append('beyond cap')
+        continue
+      i = c['radii'].index(r)
+      row.append(f'{c["difference"][i]:+.3f} [{c["ci_low"][i]:+.3f}, '
+                 f'{c["ci_high"][i]:+.3f}] {c["only_other"][i]}:'
+                 f'{c["only_base"][i]} p={c["p_value"][i]:.2g}')
+    rows.append(row)
+  return _markdown(header, rows)
+
+
 # ---------------------------------------------------------------------------
 # Presentation.
 # ---------------------------------------------------------------------------
@@ -561,7 +673,8 @@ def format_table(
   Columns: run name, n, certified accuracy at each radius (the union of the
   runs' radii; ``-`` where a run lacks one), ACR, abstain rate, mean time per
   example. In Markdown each accuracy reads ``0.600 [0.556, 0.643]`` (95%
-  Clopper-Pearson interval, omitted with ``ci=False``), with 3 decimals. In
+  Clopper-Pearson interval, omitted with ``ci=False``), with 3 decimals, or
+  ``beyond cap`` where r exceeds the summary's ``radius_cap``. In
   CSV every number is its own column (``acc@0.25``, ``ci_low@0.25``, ...).
 
   Args:
@@ -613,10 +726,13 @@ def format_table(
   rows = []
   for name, s in summaries.items():
     row = [str(name).replace('|', '\\|'), str(s['num_examples'])]
+    cap = s.get('radius_cap')
     for r in radii:
       acc = at(s, 'certified_accuracy', r)
       if acc is None:
         row.append('-')
+      elif cap is not None and r > cap:
+        row.append('beyond cap')
       elif ci:
         row.append(f'{acc:.3f} [{at(s, "ci_low", r):.3f}, '
                    f'{at(s, "ci_high", r):.3f}]')
@@ -626,6 +742,11 @@ def format_table(
     row += [f'{s["acr"]:.3f}', f'{s["abstain_rate"]:.3f}',
             '-' if time is None else f'{time:.3g}']
     rows.append(row)
+  return _markdown(header, rows)
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+  """A Markdown table padded to align in a terminal, ending in newline."""
   widths = [max(len(r[j]) for r in [header] + rows) for j in range(len(header))]
   lines = []
   for j, row in enumerate([header, None] + rows):

@@ -3,9 +3,16 @@
 Everything here runs on the host in float64 with SciPy, on a handful of counts
 per example: the Monte Carlo work is in `dds_jax.sampler`.
 
+Also the paired comparison of two certification runs on the same examples:
+McNemar's exact test (`binom_pvalue` on the discordant counts) and Newcombe's
+interval for the paired difference (`paired_difference_interval`).
+
 References:
   Cohen, Rosenfeld, Kolter. Certified Adversarial Robustness via Randomized
   Smoothing. ICML 2019 (CERTIFY and PREDICT, Clopper-Pearson bound).
+  Newcombe. Improved confidence intervals for the difference between binomial
+  proportions based on paired data. Statistics in Medicine 17, 1998
+  (method 10: Wilson score intervals combined with the phi correlation).
 """
 
 from __future__ import annotations
@@ -120,6 +127,65 @@ def binom_pvalue(n1, n2) -> np.ndarray:
   for i, (a, b) in enumerate(zip(*np.broadcast_arrays(n1, n2))):
     out.flat[i] = 1.0 if a + b == 0 else sps.binomtest(int(a), int(a + b), 0.5).pvalue
   return out
+
+
+def wilson_interval(k, n, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+  """Wilson's score interval of k / n (no continuity correction)."""
+  k = np.asarray(k, np.float64)
+  n = np.asarray(n, np.float64)
+  z = sps.norm.ppf(0.5 + level / 2.0)
+  p = k / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+
+
+def paired_difference_interval(a, b, c, d, level: float = 0.95
+                               ) -> tuple[float, float, float]:
+  """Newcombe's interval for p1 - p2 from paired binary outcomes.
+
+  The 2x2 table of the pairs: a = both 1, b = first 1 and second 0, c = first
+  0 and second 1, d = both 0; p1 = (a + b) / n, p2 = (a + c) / n and the
+  difference is (b - c) / n. Newcombe's (1998) method 10: the Wilson
+  intervals (l1, u1) of p1 and (l2, u2) of p2 are combined with the phi
+  coefficient of the table (0 when a margin is empty),
+
+    lower = D - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
+    upper = D + sqrt((u1 - p1)^2 - 2 phi (u1 - p1)(p2 - l2) + (p2 - l2)^2).
+
+  Unlike Wald's interval it stays inside [-1, 1] and does not collapse to a
+  point when b = c = 0.
+
+  Returns:
+    (difference, lower, upper).
+  """
+  a, b, c, d = (float(x) for x in (a, b, c, d))
+  if min(a, b, c, d) < 0 or a + b + c + d < 1:
+    raise InputError(f"need non-negative counts with n >= 1, got {(a, b, c, d)}")
+  n = a + b + c + d
+  p1, p2 = (a + b) / n, (a + c) / n
+  l1, u1 = wilson_interval(a + b, n, level)
+  l2, u2 = wilson_interval(a + c, n, level)
+  denom = (a + b) * (c + d) * (a + c) * (b + d)
+  phi = (a * d - b * c) / np.sqrt(denom) if denom > 0 else 0.0
+  diff = p1 - p2
+  lo = diff - np.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2)
+                          + (u2 - p2) ** 2, 0.0))
+  hi = diff + np.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2)
+                          + (p2 - l2) ** 2, 0.0))
+  return float(diff), float(max(lo, -1.0)), float(min(hi, 1.0))
+
+
+def radius_cap(sigma, n: int, alpha: float, noise: str = "gaussian"
+               ) -> np.ndarray:
+  """The largest radius CERTIFY can issue with n draws at level alpha.
+
+  Every draw a hit gives the Clopper-Pearson bound alpha^(1/n), so the cap is
+  sigma * Phi^-1(alpha^(1/n)) (gaussian): 0.80 at sigma 0.25, n = 10,000,
+  alpha = 0.001. A certified accuracy at a larger radius is 0 by
+  construction, not a measurement.
+  """
+  return radius_from_p_lower(lower_confidence_bound(n, n, alpha), sigma, noise)
 
 
 def radius_from_p_lower(p_lower, sigma, noise: str = "gaussian") -> np.ndarray:

@@ -409,3 +409,46 @@ def test_launcher_errors_are_one_line(tmp_path, args, what):
   assert len(lines) == 1, result.stderr
   assert lines[0].startswith('analyze: error: ') and what in lines[0]
   assert not (tmp_path / 'certified_accuracy.png').exists()
+
+
+def _run(ids, radius, correct):
+  ids = np.asarray(ids)
+  correct = np.asarray(correct)
+  return {'idx': ids, 'label': np.zeros(ids.size, int),
+          'predict': np.where(correct == 1, 0, 1), 'radius':
+          np.asarray(radius, float), 'correct': correct}
+
+
+def test_paired_comparison_counts_discordant_images_by_id():
+  base = _run([0, 1, 2, 3, 4], [0.3, 0.6, 0.0, 0.2, 0.9], [1, 1, 0, 1, 1])
+  # The same images in another order; image 2 wrong in base, right here.
+  other = _run([4, 3, 2, 1, 0], [0.1, 0.7, 0.55, 0.6, 0.3], [1, 1, 1, 0, 1])
+  c = analysis.paired_comparison(base, other, [0.0, 0.25, 0.5])
+  # r = 0: base right on 0,1,3,4; other right on 0,2,3,4.
+  assert (c['only_other'][0], c['only_base'][0], c['both'][0]) == (1, 1, 3)
+  # r = 0.25: base {0,1,4}; other {0,2,3}.
+  assert (c['only_other'][1], c['only_base'][1], c['both'][1]) == (2, 2, 1)
+  # r = 0.5: base {1,4}; other {2,3}.
+  assert (c['only_other'][2], c['only_base'][2], c['neither'][2]) == (2, 2, 1)
+  assert c['difference'] == pytest.approx([0.0, 0.0, 0.0])
+  assert c['p_value'][2] == pytest.approx(stats.binomtest(2, 4).pvalue)
+  for lo, d, hi in zip(c['ci_low'], c['difference'], c['ci_high']):
+    assert lo < d < hi
+  with pytest.raises(errors.InputError, match='different examples'):
+    analysis.paired_comparison(base, _run([0, 1, 2, 3, 5], [0] * 5, [0] * 5))
+
+
+def test_paired_table_and_radius_cap_marks():
+  base = _run(range(40), [0.5] * 30 + [0.0] * 10, [1] * 30 + [0] * 10)
+  other = _run(range(40), [0.6] * 38 + [0.0] * 2, [1] * 38 + [0] * 2)
+  c = analysis.paired_comparison(base, other, [0.25, 1.0])
+  assert c['only_other'][0] == 8 and c['only_base'][0] == 0
+  text = analysis.format_paired({'other': c}, {'other': 0.8})
+  assert '+0.200 [' in text and '8:0' in text
+  assert f"p={stats.binomtest(8, 8).pvalue:.2g}" in text
+  assert 'beyond cap' in text.splitlines()[-1].split('|')[-2]
+  s = analysis.summarize(base, [0.25, 1.0])
+  assert '0.000 [' in analysis.format_table({'b': s})  # no cap: a zero
+  s['radius_cap'] = 0.8
+  row = analysis.format_table({'b': s}).splitlines()[-1]
+  assert row.count('beyond cap') == 1 and '0.750 [' in row

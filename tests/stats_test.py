@@ -148,3 +148,75 @@ def test_prediction_from_counts():
                                 [-1, 2, -1])
   np.testing.assert_array_equal(stats.prediction_from_counts(counts, 0.1),
                                 [0, 2, -1])
+
+
+def test_radius_cap_is_the_all_hits_certificate():
+  n, alpha = 10_000, 0.001
+  counts = np.array([[n, 0]])
+  _, radius, _ = stats.certificate_from_counts(counts, counts, 0.25, alpha)
+  assert stats.radius_cap(0.25, n, alpha) == pytest.approx(radius[0], abs=0)
+  assert 0.79 < float(stats.radius_cap(0.25, n, alpha)) < 0.81
+  np.testing.assert_allclose(stats.radius_cap(np.array([0.25, 0.5]), n, alpha),
+                             [radius[0], 2 * radius[0]])
+
+
+def test_wilson_interval_is_the_root_of_the_score_test():
+  k, n, level = 7, 40, 0.95
+  lo, hi = stats.wilson_interval(k, n, level)
+  z = sps.norm.ppf(0.975)
+  for p in (lo, hi):  # (k/n - p)^2 = z^2 p (1 - p) / n at both ends
+    assert (k / n - p) ** 2 == pytest.approx(z * z * p * (1 - p) / n)
+
+
+def _exact_coverage(probs, n, level):
+  """P[interval covers p1 - p2] for multinomial(n, probs) 2x2 tables."""
+  from scipy.stats import multinomial
+  truth = probs[1] - probs[2]
+  covered = 0.0
+  for a in range(n + 1):
+    for b in range(n + 1 - a):
+      for c in range(n + 1 - a - b):
+        d = n - a - b - c
+        _, lo, hi = stats.paired_difference_interval(a, b, c, d, level)
+        if lo <= truth <= hi:
+          covered += multinomial.pmf([a, b, c, d], n, probs)
+  return covered
+
+
+@pytest.mark.parametrize("probs", [
+    (0.6, 0.1, 0.05, 0.25),   # two correlated runs, a few discordant pairs
+    (0.3, 0.2, 0.2, 0.3),
+    (0.85, 0.05, 0.0, 0.10),  # one side never wins (the main job's case)
+])
+def test_paired_difference_interval_has_nominal_exact_coverage(probs):
+  # Exact coverage by enumerating every table of n = 30 pairs. Newcombe's
+  # method 10 is close to nominal; Wald's interval (checked below on the third
+  # point) falls far short when one discordant cell is empty.
+  coverage = _exact_coverage(probs, 30, 0.95)
+  assert coverage >= 0.93, coverage
+  if probs[2] == 0.0:
+    wald = 0.0
+    from scipy.stats import multinomial
+    for b in range(31):
+      for a in range(31 - b):
+        d = 30 - a - b
+        diff = b / 30
+        se = math.sqrt(max(b / 30 - diff * diff, 0.0) / 30)
+        if diff - 1.96 * se <= 0.05 <= diff + 1.96 * se:
+          wald += multinomial.pmf([a, b, 0, d], 30, probs)
+    assert wald < 0.85
+
+
+def test_paired_difference_interval_symmetry_and_degenerate_tables():
+  d, lo, hi = stats.paired_difference_interval(36, 12, 2, 0)
+  assert d == pytest.approx(0.2) and lo < d < hi
+  d2, lo2, hi2 = stats.paired_difference_interval(36, 2, 12, 0)
+  assert (d2, lo2, hi2) == pytest.approx((-d, -hi, -lo))
+  # No discordant pairs: the interval still has width and contains 0.
+  d, lo, hi = stats.paired_difference_interval(20, 0, 0, 10)
+  assert d == 0 and lo < 0 < hi
+  for table in [(0, 30, 0, 0), (0, 0, 30, 0), (30, 0, 0, 0)]:
+    _, lo, hi = stats.paired_difference_interval(*table)
+    assert -1 <= lo <= hi <= 1
+  with pytest.raises(stats.InputError):
+    stats.paired_difference_interval(1, -1, 0, 0)
