@@ -32,8 +32,8 @@ by example id and reused, never inserted twice.
 `time` in the TSV is the wall time of the example's call divided by the
 examples in it (the sampler certifies several examples per device batch).
 
-`compare_fixed_and_ds` runs both settings and reports fixed sigma, data-
-dependent sigma and data-dependent sigma with memory side by side.
+Comparisons of several runs on the same images (the main job's table, the
+paired tests) are in `dds_jax.experiment`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from dds_jax import noise as noise_lib
 from dds_jax import progress as progress_lib
 from dds_jax import provenance
 from dds_jax import sigma_opt as sigma_opt_lib
+from dds_jax import stats
 from dds_jax import validate
 from dds_jax.certify import certify
 from dds_jax.configs import common
@@ -368,6 +369,9 @@ def _summarize(run: _Run, rows, wall, sigma_time, examples_this_run,
                       "max": float(sig.max()),
                       "mean_minus_sigma0": float(sig.mean() - sigma0)},
       "n0": cc.n0, "n": cc.n, "alpha": cc.alpha, "seed": config.seed,
+      # No example can be certified beyond this radius at this N and alpha.
+      "radius_cap": float(stats.radius_cap(sig.max(), cc.n, cc.alpha,
+                                           config.noise.kind)),
       # Cost of choosing sigma, in forward passes per example, beside
       # CERTIFY's n0 + n.
       "sigma_forward_passes": _sigma_cost(config),
@@ -391,6 +395,7 @@ def _summarize(run: _Run, rows, wall, sigma_time, examples_this_run,
       mem_summary["invariant_holds"] = bool(
           run.store.check_invariant(since=since))
       run.store.close()
+    mem_summary["radius_cap"] = summary["radius_cap"]
     mem_summary["num_changed_this_run"] = int(np.sum(rows["changed"]))
     summary["memory"] = mem_summary
     curves["data-dependent sigma + memory"] = analysis.radius_and_correct(
@@ -489,57 +494,3 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
         title=f"{ds.name} ({len(ds)} test images), N={cc.n}, alpha={cc.alpha}")
   distributed.barrier("certify_dataset done")
   return summary
-
-
-def compare_fixed_and_ds(config: ml_collections.ConfigDict,
-                         workdir: str) -> tuple[dict[str, dict], str]:
-  """Certifies with fixed sigma (workdir/fixed) and data-dependent sigma
-  with memory (workdir/ds); writes comparison.md and certified_accuracy.png.
-
-  Returns:
-    (summaries by row name, the Markdown table).
-  """
-  fixed_cfg = copy.deepcopy(config)
-  with fixed_cfg.unlocked():
-    fixed_cfg.certify.sigma_method = "fixed"
-    fixed_cfg.certify.soundness = "none"
-  ds_cfg = copy.deepcopy(config)
-  with ds_cfg.unlocked():
-    if ds_cfg.certify.sigma_method == "fixed":
-      ds_cfg.certify.sigma_method = "ascent"
-  test_ds = data_lib.load_split(config, config.data.test_split)
-  bundle, params = ckpt_lib.restore_params(config, workdir,
-                                           test_ds.image_shape)
-  fixed = certify_dataset(fixed_cfg, workdir, out_dir=os.path.join(
-      workdir, "fixed"), params=params, bundle=bundle)
-  ds = certify_dataset(ds_cfg, workdir, out_dir=os.path.join(workdir, "ds"),
-                       params=params, bundle=bundle)
-  summaries = {"fixed sigma": fixed, "data-dependent sigma": ds}
-  if "memory" in ds:
-    summaries["data-dependent sigma + memory"] = ds["memory"]
-  table = analysis.format_table(summaries)
-  if not distributed.is_main():  # process 0 writes the comparison
-    return summaries, table
-  curves = {
-      "fixed sigma": analysis.read_tsv(os.path.join(workdir, "fixed", TSV)),
-      "data-dependent sigma": analysis.read_tsv(os.path.join(workdir, "ds",
-                                                             TSV))}
-  if "memory" in ds:
-    curves["data-dependent sigma + memory"] = analysis.radius_and_correct(
-        curves["data-dependent sigma"], radius_key="radius_mem",
-        predict_key="predict_mem")
-  notes = [f"sigma0 = {config.noise.sigma:g}; data-dependent sigma: mean "
-           f"{ds['sigma_stats']['mean']:.4f}, min {ds['sigma_stats']['min']:.4f}"
-           f", max {ds['sigma_stats']['max']:.4f}"]
-  if "memory" in ds:
-    m = ds["memory"]
-    notes.append(f"memory: {m['num_stored']} stored certificates, "
-                 f"{m['num_changed_this_run']} changed by the rule, union "
-                 f"bound k * alpha = {m['union_bound']:.3g}")
-  text = table + "\n\n" + "\n".join(notes) + "\n"
-  analysis.write_text(os.path.join(workdir, "comparison.md"), text)
-  analysis.plot_certified_accuracy(
-      curves, os.path.join(workdir, PLOT),
-      title=f"{fixed['dataset']}: fixed vs data-dependent sigma "
-      f"(N={config.certify.n})")
-  return summaries, text

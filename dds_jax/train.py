@@ -61,6 +61,7 @@ from dds_jax.configs import common
 from dds_jax.errors import ConfigError
 
 EXPORT_DIR = "export"  # parameters-only export, written at the end
+SIGMA_TABLE = "sigma_table.tsv"  # with train.ds: the per-sample sigma table
 
 
 def make_schedule(tc: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -236,6 +237,16 @@ def _summary_writer(workdir: str):
   except ImportError:
     return None
   return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def write_sigma_table(path: str, example_ids, table) -> None:
+  """Writes the per-sample sigma table as a TSV (idx = example id, sigma)."""
+  lines = ["idx\tsigma"] + [f"{int(i)}\t{float(v)!r}"
+                             for i, v in zip(example_ids, table)]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(tmp, path)
 
 
 def sigma_stats(table: np.ndarray, bins: int = 20) -> dict[str, Any]:
@@ -449,6 +460,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                            {"model": config.model.name, "step": step,
                             "method": tc.method, "data": config.data.name},
                            dtype=config.ckpt.export_dtype)
+    if tc.ds.enabled:
+      write_sigma_table(os.path.join(workdir, EXPORT_DIR, SIGMA_TABLE),
+                        sorted_ids, np.asarray(jax.device_get(table)))
   distributed.barrier("train_and_evaluate done")
   if writer is not None:
     writer.close()

@@ -1,13 +1,15 @@
-r"""The main job: train, certify, analyze.
+r"""The main job: train, certify, compare.
 
   python -m launch.run --config=dds_jax/configs/digits.py --workdir=runs/digits
 
-With a data-dependent `config.certify.sigma_method` (digits.py's default) it certifies twice and
-prints fixed sigma, data-dependent sigma, and data-dependent sigma with the
-memory side by side: --workdir/fixed and --workdir/ds hold each run's
-certify.tsv and summary.json, --workdir/comparison.md the table and
---workdir/certified_accuracy.png the curves. Otherwise --workdir holds one
-run's files.
+With a data-dependent `config.certify.sigma_method` (digits.py's default) it
+runs the paper's comparison (`dds_jax.experiment.paper_comparison`): a
+fixed-sigma and a per-sample-sigma model trained with the same seed
+(--workdir/train_fixed, --workdir/train_ds), three certifications of the same
+test images (fixed_fixed/, fixed_<method>/, ds_<method>/), and the table with
+the memory row and the paired tests in --workdir/comparison.md (curves in
+--workdir/certified_accuracy.png). With `sigma_method=fixed` it trains and
+certifies one model in --workdir.
 """
 
 from absl import app
@@ -15,6 +17,7 @@ from absl import app
 from dds_jax import analysis
 from dds_jax import distributed
 from dds_jax import evaluate
+from dds_jax import experiment
 from dds_jax import train
 from launch import common
 
@@ -24,13 +27,13 @@ def main(argv):
 
   def run():
     config, workdir = common.CONFIG.value, common.WORKDIR.value
-    train.train_and_evaluate(config, workdir)
     header = (f"\nCertified accuracy ({config.data.name}, sigma0="
               f"{config.noise.sigma:g}, N={config.certify.n}, alpha="
               f"{config.certify.alpha}; files in {workdir}):\n")
     if config.certify.sigma_method != "fixed":
-      _, text = evaluate.compare_fixed_and_ds(config, workdir)
+      _, text = experiment.paper_comparison(config, workdir)
     else:
+      train.train_and_evaluate(config, workdir)
       summary = evaluate.certify_dataset(config, workdir)
       text = analysis.format_table({"fixed sigma": summary})
     if distributed.is_main():

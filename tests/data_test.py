@@ -565,3 +565,30 @@ def test_iterate_batches_rows_are_one_process_share_of_each_batch(rows):
     for f, p in zip(full, part):
       for k in f:
         np.testing.assert_array_equal(p[k], f[k][rows], err_msg=k)
+
+
+def test_holdout_is_a_fixed_part_of_the_training_split():
+  from dds_jax.configs import digits as digits_config
+  config = digits_config.get_config("small")
+  full = data.load_split(config, "train")
+  with pytest.raises(errors.ConfigError, match="holdout > 0"):
+    data.load_split(config, data.HOLDOUT_SPLIT)
+  config.data.holdout = 100
+  train, held = (data.load_split(config, s) for s in ("train", "holdout"))
+  assert (len(train), len(held)) == (len(full) - 100, 100)
+  assert held.split == "holdout" and train.split == "train"
+  assert not set(train.example_ids) & set(held.example_ids)
+  assert set(train.example_ids) | set(held.example_ids) == set(
+      full.example_ids)
+  np.testing.assert_array_equal(
+      held.images, full.images[data.holdout_positions(len(full), 100)])
+  # The same images whatever the seed; the test split is untouched.
+  config.seed = 7
+  np.testing.assert_array_equal(data.load_split(config, "holdout").example_ids,
+                                held.example_ids)
+  assert len(data.load_split(config, "test")) == 360
+  # A spread-out sample, not the first ids.
+  assert held.example_ids.max() > 0.8 * full.example_ids.max()
+  config.data.holdout = len(full)
+  with pytest.raises(errors.ConfigError, match="must be in"):
+    data.load_split(config, "train")

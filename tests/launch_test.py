@@ -9,9 +9,21 @@ import numpy as np
 import pytest
 
 from dds_jax import analysis
+from dds_jax.configs import digits as digits_config
 from tests import conftest
 
 DIGITS = "dds_jax/configs/digits.py:small"
+# launch.run's layout (dds_jax.experiment.paper_comparison): the fixture's
+# `workdir` is the fixed-sigma model's training dir; the certifications and
+# the comparison are beside it.
+METHOD = digits_config.get_config("small").certify.sigma_method
+
+
+def result_dir(workdir, name):
+  """fixed: the baseline run; ds: the fixed-trained model at METHOD."""
+  sub = {"fixed": "fixed_fixed", "ds": f"fixed_{METHOD}",
+         "ds_train": f"ds_{METHOD}"}.get(name, name)
+  return os.path.join(os.path.dirname(workdir), sub)
 
 
 def launch(module, *args, timeout=600):
@@ -26,7 +38,7 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("digits"))
   res = launch("run", f"--config={DIGITS}", f"--workdir={workdir}")
   assert res.returncode == 0, res.stderr[-3000:]
-  return workdir, res
+  return os.path.join(workdir, "train_fixed"), res
 
 
 def _same_except_time(a, b, columns=None):
@@ -37,28 +49,37 @@ def _same_except_time(a, b, columns=None):
 
 def test_run_writes_every_result_file(trained):
   workdir, res = trained
-  for row in ("fixed sigma", "data-dependent sigma",
-              "data-dependent sigma + memory"):
+  root = os.path.dirname(workdir)
+  rows = ("fixed train, fixed sigma", f"fixed train, {METHOD} sigma",
+          f"per-sample train, {METHOD} sigma")
+  for row in rows:
     assert f"| {row} " in res.stdout
+  # The best data-dependent row made sound, the paired tests, the caps.
+  assert f"sigma + memory " in res.stdout and "McNemar" in res.stdout
   assert "r=0.5" in res.stdout and "union bound" in res.stdout
+  assert "beyond cap" in res.stdout   # N = 300 cannot certify r = 1 at 0.25
+  assert "Per-sample sigma table after training" in res.stdout
   assert "ETA" in res.stderr          # progress lines
-  fixed = analysis.read_tsv(os.path.join(workdir, "fixed", "certify.tsv"))
+  fixed = analysis.read_tsv(os.path.join(result_dir(workdir, "fixed"),
+                                         "certify.tsv"))
   assert list(fixed)[:8] == ["idx", "label", "predict", "radius", "correct",
                              "time", "sigma", "p_lower"]
   np.testing.assert_array_equal(fixed["idx"], np.arange(0, 360, 12) * 5)
   assert np.all(fixed["sigma"] == 0.25)
   assert np.all((fixed["radius"] > 0) <= (fixed["predict"] >= 0))
-  ds = analysis.read_tsv(os.path.join(workdir, "ds", "certify.tsv"))
+  ds = analysis.read_tsv(os.path.join(result_dir(workdir, "ds"), "certify.tsv"))
   assert {"predict_mem", "radius_mem", "changed"} <= set(ds)
   assert np.any(ds["sigma"] != 0.25) and np.all(ds["sigma"] >= 0.01)
-  sig = analysis.read_tsv(os.path.join(workdir, "ds", "sigma.tsv"),
+  sig = analysis.read_tsv(os.path.join(result_dir(workdir, "ds"), "sigma.tsv"),
                           required=("idx", "sigma"))
   np.testing.assert_array_equal(sig["idx"], ds["idx"])
   np.testing.assert_allclose(sig["sigma"], ds["sigma"], rtol=1e-5)
-  for sub in ("fixed", "ds"):
-    summary = json.load(open(os.path.join(workdir, sub, "summary.json")))
+  for sub in ("fixed", "ds", "ds_train"):
+    summary = json.load(open(os.path.join(result_dir(workdir, sub),
+                                          "summary.json")))
     for key in ("certified_accuracy", "ci_low", "ci_high", "acr",
-                "abstain_rate", "samples_per_s", "wall_time_s", "provenance"):
+                "abstain_rate", "samples_per_s", "wall_time_s", "provenance",
+                "radius_cap"):
       assert key in summary
     assert summary["num_examples"] == 30
     assert summary["provenance"]["config"]["certify"]["n"] == 300
@@ -66,17 +87,36 @@ def test_run_writes_every_result_file(trained):
   mem = summary["memory"]
   assert mem["num_stored"] == 30 and mem["invariant_holds"]
   assert mem["union_bound"] == pytest.approx(30 * 0.001)
-  assert mem["num_changed_this_run"] == int(ds["changed"].sum())
-  assert os.path.exists(os.path.join(workdir, "ds", "memory.sqlite"))
-  assert os.path.getsize(os.path.join(workdir, "certified_accuracy.png")) > 1000
-  assert "| fixed sigma" in open(os.path.join(workdir, "comparison.md")).read()
-  lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
-  assert len(lines) == 2 and "noisy_test_accuracy" in json.loads(lines[-1])
+  assert os.path.exists(os.path.join(result_dir(workdir, "ds"),
+                                     "memory.sqlite"))
+  assert os.path.getsize(os.path.join(root, "certified_accuracy.png")) > 1000
+  # comparison.json: the paired counts agree with the two TSVs.
+  comp = json.load(open(os.path.join(root, "comparison.json")))
+  assert comp["baseline"] == rows[0]
+  paired = comp["paired"][rows[1]]
+  i = paired["radii"].index(0.25)
+  yes_f = (fixed["correct"] == 1) & (fixed["radius"] >= 0.25)
+  yes_d = (ds["correct"] == 1) & (ds["radius"] >= 0.25)
+  assert paired["only_other"][i] == int(np.sum(yes_d & ~yes_f))
+  assert paired["only_base"][i] == int(np.sum(yes_f & ~yes_d))
+  assert paired["ci_low"][i] <= paired["difference"][i] <= paired["ci_high"][i]
+  assert "| fixed train, fixed sigma" in open(
+      os.path.join(root, "comparison.md")).read()
+  # Both models trained with the same seed and schedule; only the second has
+  # a per-sample sigma table, and it moved.
+  table = analysis.read_tsv(os.path.join(root, "train_ds", "export",
+                                         "sigma_table.tsv"),
+                            required=("idx", "sigma"))
+  assert np.any(table["sigma"] != 0.25)
+  assert not os.path.exists(os.path.join(workdir, "export", "sigma_table.tsv"))
+  for sub in ("train_fixed", "train_ds"):
+    lines = open(os.path.join(root, sub, "metrics.jsonl")).read().splitlines()
+    assert len(lines) == 2 and "noisy_test_accuracy" in json.loads(lines[-1])
 
 
 def test_certify_again_gives_the_same_table_except_time(trained, tmp_path):
   workdir, _ = trained
-  first = analysis.read_tsv(os.path.join(workdir, "fixed", "certify.tsv"))
+  first = analysis.read_tsv(os.path.join(result_dir(workdir, "fixed"), "certify.tsv"))
   res = launch("certify", f"--config={DIGITS}", f"--workdir={workdir}",
                "--config.certify.sigma_method=fixed",
                "--config.certify.soundness=none")
@@ -87,10 +127,10 @@ def test_certify_again_gives_the_same_table_except_time(trained, tmp_path):
 
 def test_saved_sigma_file_is_reused(trained, tmp_path):
   workdir, _ = trained
-  ds = analysis.read_tsv(os.path.join(workdir, "ds", "certify.tsv"))
+  ds = analysis.read_tsv(os.path.join(result_dir(workdir, "ds"), "certify.tsv"))
   res = launch("certify", f"--config={DIGITS}", f"--workdir={workdir}",
                "--config.certify.sigma_method=file",
-               f"--config.sigma_opt.sigma_file={workdir}/ds/sigma.tsv",
+               f"--config.sigma_opt.sigma_file={result_dir(workdir, 'ds')}/sigma.tsv",
                f"--config.memory.path={tmp_path}/mem.sqlite")
   assert res.returncode == 0, res.stderr[-3000:]
   again = analysis.read_tsv(os.path.join(workdir, "certify.tsv"))
@@ -181,7 +221,7 @@ def test_killed_certification_resumes_to_the_same_files(trained, tmp_path):
   import sqlite3
   import time
   workdir, _ = trained
-  full = analysis.read_tsv(os.path.join(workdir, "ds", "certify.tsv"))
+  full = analysis.read_tsv(os.path.join(result_dir(workdir, "ds"), "certify.tsv"))
   # A fresh results dir, the model from the parameters-only export.
   flags = [f"--config={DIGITS}", f"--workdir={tmp_path}/w",
            f"--config.certify.checkpoint={workdir}/export",
@@ -219,7 +259,7 @@ def test_killed_certification_resumes_to_the_same_files(trained, tmp_path):
   assert [r[1] for r in stored] == again["radius"].tolist()
   assert [r[2] for r in stored] == again["radius_mem"].tolist()
   resumed = json.load(open(os.path.join(tmp_path, "w", "summary.json")))
-  uninterrupted = json.load(open(os.path.join(workdir, "ds", "summary.json")))
+  uninterrupted = json.load(open(os.path.join(result_dir(workdir, "ds"), "summary.json")))
   assert resumed["examples_this_run"] == 30 - len(partial["idx"])
   for key in ("certified_accuracy", "num_certified", "ci_low", "ci_high",
               "acr", "abstain_rate", "clean_accuracy", "sigma_stats"):
@@ -316,3 +356,30 @@ def test_certificate_aware_grid_sigma_with_the_memory(trained, tmp_path):
                           required=("idx", "sigma"))
   # The TSV holds the float32 sigma the noise was drawn with.
   np.testing.assert_allclose(sig["sigma"], cols["sigma"], rtol=1e-6)
+
+
+def test_tune_grid_certifies_held_out_training_images_only(tmp_path):
+  train_dir = str(tmp_path / "train")
+  holdout = ["--config.data.holdout=60"]
+  res = launch("train", f"--config={DIGITS}", f"--workdir={train_dir}",
+               "--config.train.epochs=1", *holdout)
+  assert res.returncode == 0, res.stderr[-3000:]
+  # The test split is refused: tuning never looks at the reported images.
+  res = launch("tune_grid", f"--config={DIGITS}", f"--workdir={tmp_path}",
+               f"--config.certify.checkpoint={train_dir}/export", *holdout)
+  _assert_clean_failure(res, "data.test_split='holdout'")
+  res = launch("tune_grid", f"--config={DIGITS}", f"--workdir={tmp_path}",
+               f"--config.certify.checkpoint={train_dir}/export",
+               "--config.data.test_split=holdout", "--config.certify.skip=6",
+               *holdout)
+  assert res.returncode == 0, res.stderr[-3000:]
+  from dds_jax import data, experiment
+  held = data.holdout_positions(1437, 60)
+  fixed = analysis.read_tsv(str(tmp_path / "fixed" / "certify.tsv"))
+  # Training-split example ids of the held-out images (every 6th of them).
+  train_ids = data.load("digits", "train").example_ids
+  np.testing.assert_array_equal(fixed["idx"], train_ids[held][::6])
+  comp = json.load(open(tmp_path / "comparison.json"))
+  assert len(comp["paired"]) == len(experiment.GRID_SETTINGS)
+  assert "grid 5 sigmas x 500" in comp["paired"]
+  assert "choosing sigma cost 2500 forward passes" in res.stdout

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dds_jax import analysis
+from dds_jax.configs import digits
 from tests import conftest
 
 DIGITS = "dds_jax/configs/digits.py:small"
@@ -146,7 +147,6 @@ def _sigma_table(workdir):
   meta = ckpt.read_meta()
   import jax
   from dds_jax import models
-  from dds_jax.configs import digits
   bundle = models.build_from_config(digits.get_config("small"), (8, 8, 1))
   template = jax.eval_shape(bundle.init, jax.random.key(0))
   out = ckpt.restore(template, sigma_table_like=np.zeros(meta["num_train"],
@@ -256,6 +256,33 @@ def test_certification_on_two_processes_equals_one(trained, tmp_path):
   assert stored(single) == stored(killed)
 
 
+def test_the_other_sigma_method_on_two_processes_equals_one(trained,
+                                                            tmp_path):
+  """Per-example sigma from the method the config does not default to (the
+  test above covers the default), with the memory: 1 process vs 2 give the
+  same certify.tsv, sigma.tsv and stored certificates."""
+  one, _, _ = trained
+  default = digits.get_config("small").certify.sigma_method
+  other = "ascent" if default == "grid" else "grid"
+  flags = [f"--config={DIGITS}", "--config.certify.examples_per_call=7",
+           f"--config.certify.sigma_method={other}",
+           f"--config.certify.checkpoint={one}/export"]
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  launch("certify", *flags, f"--workdir={single}")
+  launch("certify", *flags, f"--workdir={multi}", num_processes=2)
+  full = analysis.read_tsv(os.path.join(single, "certify.tsv"))
+  assert len(full["idx"]) == 30 and np.any(full["sigma"] != 0.25)
+  _same_except_time(full, analysis.read_tsv(os.path.join(multi,
+                                                          "certify.tsv")))
+  with open(os.path.join(single, "sigma.tsv")) as a, open(os.path.join(
+      multi, "sigma.tsv")) as b:
+    assert a.read() == b.read()
+  with sqlite3.connect(os.path.join(single, "memory.sqlite")) as a, \
+      sqlite3.connect(os.path.join(multi, "memory.sqlite")) as b:
+    query = "SELECT example_id, pred, radius FROM certificates ORDER BY id"
+    assert a.execute(query).fetchall() == b.execute(query).fetchall()
+
+
 def test_a_process_with_no_examples_in_a_call(trained, tmp_path):
   """One example per call: process 0 gets none, process 1 the example."""
   one, _, _ = trained
@@ -316,18 +343,22 @@ def test_single_process_helpers_are_identities():
 
 
 def test_main_job_on_two_processes(tmp_path):
-  """launch.run (train, fixed and data-dependent certification, comparison)
-  as two processes: process 0 writes every file and prints the table."""
+  """launch.run (two trainings, three certifications, comparison) as two
+  processes: process 0 writes every file and prints the table."""
+  method = digits.get_config("small").certify.sigma_method
   res = launch("run", f"--config={DIGITS}", f"--workdir={tmp_path}",
                "--config.train.epochs=1", num_processes=2)
-  assert "data-dependent sigma + memory" in res[0][1]
+  assert "sigma + memory" in res[0][1]
   assert "Certified accuracy" not in res[1][1]
-  for name in ("comparison.md", "certified_accuracy.png", "fixed/certify.tsv",
-               "ds/certify.tsv", "ds/sigma.tsv", "ds/memory.sqlite",
-               "export/params.msgpack", "metrics.jsonl"):
+  for name in ("comparison.md", "comparison.json", "certified_accuracy.png",
+               "fixed_fixed/certify.tsv", f"fixed_{method}/certify.tsv",
+               f"ds_{method}/sigma.tsv", f"ds_{method}/memory.sqlite",
+               "train_fixed/export/params.msgpack",
+               "train_ds/export/sigma_table.tsv", "train_ds/metrics.jsonl"):
     assert os.path.exists(os.path.join(tmp_path, name)), name
-  rows = analysis.read_tsv(os.path.join(tmp_path, "ds", "certify.tsv"))
-  assert len(rows["idx"]) == 30 and rows["changed"].sum() == 0
+  rows = analysis.read_tsv(os.path.join(tmp_path, f"ds_{method}",
+                                        "certify.tsv"))
+  assert len(rows["idx"]) == 30
 
 
 def test_a_launcher_that_aborts_leaves_every_thread_traceback(tmp_path):

@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "digits"          # digits | imagefolder:<dir or zip> | tfds:<name>
   c.data.train_split = "train"
   c.data.test_split = "test"
+  c.data.holdout = 0              # training examples held out as split 'holdout'
   c.data.class_names = ()         # () = sorted class folder names / dataset's own
   c.data.cache_dir = ""           # "" = $DDS_JAX_CACHE or ~/.cache/dds_jax
   c.data.data_dir = ""            # TFDS data_dir ("" = TFDS default)

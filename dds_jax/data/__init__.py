@@ -22,6 +22,9 @@ Spec strings for `load`:
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
+
+import numpy as np
 
 from dds_jax import errors
 from dds_jax.data import digits
@@ -36,9 +39,11 @@ from dds_jax.data.imagefolder import RawSplit
 
 __all__ = [
     'Dataset',
+    'HOLDOUT_SPLIT',
     'RawSplit',
     'SPEC_FORMATS',
     'default_cache_dir',
+    'holdout_positions',
     'check_fits',
     'iterate_batches',
     'load',
@@ -100,12 +105,51 @@ def load(spec: str,
 
 
 
+# The split name of the examples `config.data.holdout` takes out of training.
+HOLDOUT_SPLIT = 'holdout'
+# Fixed (not the config's seed): the held-out set is the same for every run.
+_HOLDOUT_SEED = 20221
+
+
+def holdout_positions(num_train: int, holdout: int) -> np.ndarray:
+  """Positions (sorted) of the `holdout` training examples held out.
+
+  A fixed random subset of the training split, the same for every seed, so
+  that models trained without it can be tuned on it (e.g. the sigma grid)
+  without touching the test images.
+  """
+  if not 0 <= holdout < num_train:
+    raise errors.ConfigError(
+        f'data.holdout={holdout} must be in [0, {num_train}): the training '
+        f'split has {num_train} examples.')
+  perm = np.random.default_rng(_HOLDOUT_SEED).permutation(num_train)
+  return np.sort(perm[:holdout])
+
+
 def load_split(config, split: str) -> Dataset:
-  """The split of a dds_jax config's dataset (`config.data.*`)."""
+  """The split of a dds_jax config's dataset (`config.data.*`).
+
+  With `config.data.holdout = k > 0`, `k` fixed random examples of the
+  training split (`holdout_positions`) are removed from it and form the split
+  'holdout' (they keep their training-split example ids).
+  """
   dc = config.data
-  return load(dc.name, split, cache_dir=dc.cache_dir or None,
-              class_names=tuple(dc.class_names) or None,
-              data_dir=dc.data_dir or None)
+  k = int(dc.get('holdout', 0))
+  source = dc.train_split if split == HOLDOUT_SPLIT else split
+  if split == HOLDOUT_SPLIT and k <= 0:
+    raise errors.ConfigError(
+        "The split 'holdout' needs data.holdout > 0 (the number of training "
+        'examples to hold out).')
+  ds = load(dc.name, source, cache_dir=dc.cache_dir or None,
+            class_names=tuple(dc.class_names) or None,
+            data_dir=dc.data_dir or None)
+  if k > 0 and source == dc.train_split:
+    held = np.zeros(len(ds), bool)
+    held[holdout_positions(len(ds), k)] = True
+    ds = ds.take(held if split == HOLDOUT_SPLIT else ~held)
+    if split == HOLDOUT_SPLIT:
+      ds = dataclasses.replace(ds, split=HOLDOUT_SPLIT)
+  return ds
 
 
 def check_fits(config, ds: Dataset) -> None:

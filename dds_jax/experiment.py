@@ -1,0 +1,295 @@
+"""Comparisons of certification runs on the same images: what `launch.run` runs.
+
+`paper_comparison(config, workdir)` is the paper's experiment in one call:
+
+  1. trains two models with the same seed and schedule, one at fixed sigma
+     (`<workdir>/train_fixed`) and one with a per-sample sigma table
+     (`train.ds`, `<workdir>/train_ds`);
+  2. certifies the same test images three times (`certify_dataset`): the
+     fixed-trained model at fixed sigma (the baseline, `fixed_fixed/`), the
+     fixed-trained model with the config's data-dependent sigma method
+     (`fixed_<method>/`) and the per-sample-trained model with it
+     (`ds_<method>/`); the data-dependent runs go through the memory;
+  3. writes `comparison.md` (and `comparison.json`): certified accuracy with
+     95% Clopper-Pearson intervals, the best data-dependent row made sound
+     by the memory with its changed count, and each row's paired comparison
+     with the baseline (McNemar's exact test and Newcombe's interval of the
+     difference, `dds_jax.analysis.paired_comparison`), radii beyond what N
+     and alpha can certify marked; the histogram of the trained sigma table;
+     and `certified_accuracy.png`.
+
+`compare_fixed_and_ds(config, workdir)` does step 2-3 for one trained model:
+fixed sigma against the config's data-dependent method (`fixed/`, `ds/`).
+
+Both resume: training from its checkpoints, each certification from its TSV.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from dds_jax import analysis
+from dds_jax import checkpoint as ckpt_lib
+from dds_jax import data as data_lib
+from dds_jax import distributed
+from dds_jax import evaluate
+from dds_jax import train
+from dds_jax.errors import ConfigError
+
+COMPARISON = "comparison.md"
+COMPARISON_JSON = "comparison.json"
+PLOT = "certified_accuracy.png"
+MEMORY_KEYS = ("radius_mem", "predict_mem")
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+  """One certification run of a comparison.
+
+  Attributes:
+    name: the row's name in the table.
+    model_dir: the training workdir (its export or checkpoints).
+    out_dir: where the run's files go.
+    sigma_method: `certify.sigma_method` of the run ('fixed', 'ascent', ...);
+      a data-dependent one runs with `certify.soundness = 'memory'`.
+    overrides: config values of this run only, by dotted key (e.g.
+      {"sigma_grid.pilot": 500}).
+  """
+
+  name: str
+  model_dir: str
+  out_dir: str
+  sigma_method: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def _condition_config(config, cond: Condition) -> ml_collections.ConfigDict:
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    cfg.certify.sigma_method = cond.sigma_method
+    cfg.certify.soundness = "none" if cond.sigma_method == "fixed" else "memory"
+    for key, value in cond.overrides:
+      group, name = key.rsplit(".", 1)
+      node = cfg
+      for part in group.split("."):
+        node = node[part]
+      node[name] = value
+  return cfg
+
+
+def compare(config: ml_collections.ConfigDict, conditions: list[Condition],
+            workdir: str, *, memory_rows: str = "best",
+            notes: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+  """Certifies each condition and compares them with the first (baseline).
+
+  Args:
+    config: the shared config (test set, N, alpha, sigma settings).
+    conditions: the runs; the first is the baseline of the paired tests.
+    workdir: receives comparison.md, comparison.json and the plot.
+    memory_rows: 'best': one "+ memory" row, for the data-dependent row of
+      highest ACR without the memory (the paper's sound classifier); 'all':
+      one for each data-dependent row; 'none': no memory rows.
+    notes: extra lines for comparison.md.
+
+  Returns:
+    ({"summaries": by row, "paired": by row, ...}, the Markdown text).
+  """
+  test_ds = data_lib.load_split(config, config.data.test_split)
+  summaries, columns, keys, caps = {}, {}, {}, {}
+  loaded = {}
+  for cond in conditions:
+    if cond.model_dir not in loaded:
+      loaded[cond.model_dir] = ckpt_lib.restore_params(
+          config, cond.model_dir, test_ds.image_shape)
+    bundle, params = loaded[cond.model_dir]
+    summaries[cond.name] = evaluate.certify_dataset(
+        _condition_config(config, cond), cond.model_dir, out_dir=cond.out_dir,
+        params=params, bundle=bundle)
+    columns[cond.name] = analysis.read_tsv(
+        os.path.join(cond.out_dir, evaluate.TSV))
+    keys[cond.name] = ("radius", "predict")
+    caps[cond.name] = summaries[cond.name]["radius_cap"]
+  with_memory = [c.name for c in conditions if c.sigma_method != "fixed"
+                 and memory_rows != "none"]
+  if memory_rows == "best" and with_memory:
+    with_memory = [max(with_memory, key=lambda n: summaries[n]["acr"])]
+  memory_names = {}
+  for name in with_memory:
+    row = f"{name} + memory"
+    memory_names[row] = name
+    summaries[row] = summaries[name]["memory"]
+    columns[row] = columns[name]
+    keys[row] = MEMORY_KEYS
+    caps[row] = caps[name]
+
+  base = conditions[0].name
+  radii = list(config.certify.radii)
+  paired = {name: analysis.paired_comparison(
+      columns[base], columns[name], radii, base_keys=keys[base],
+      other_keys=keys[name]) for name in summaries if name != base}
+  pair_caps = {name: max(caps[base], caps[name]) for name in paired}
+  lines = [analysis.format_table(summaries), "",
+           f"Paired with the baseline ({base}) on the same "
+           f"{summaries[base]['num_examples']} images: difference in "
+           "certified accuracy [Newcombe 95% interval], discordant images "
+           "(only this row : only the baseline), McNemar exact p.", "",
+           analysis.format_paired(paired, pair_caps), ""]
+  for cond in conditions:
+    s = summaries[cond.name]
+    if cond.sigma_method != "fixed":
+      st = s["sigma_stats"]
+      lines.append(
+          f"{cond.name}: sigma mean {st['mean']:.4f} (min {st['min']:.4f}, "
+          f"max {st['max']:.4f}); choosing sigma cost "
+          f"{s['sigma_forward_passes']} forward passes per image, "
+          f"{s['sigma_forward_passes'] / s['certify_forward_passes']:.2f}x "
+          f"CERTIFY's n0 + N = {s['certify_forward_passes']}.")
+  for row, name in memory_names.items():
+    m = summaries[row]
+    lines.append(f"{row}: {m['num_stored']} stored certificates, "
+                 f"{m['num_changed_this_run']} changed by the memory rule, "
+                 f"union bound k * alpha = {m['union_bound']:.3g}.")
+  caps_text = ", ".join(f"{n}: {c:.3f}" for n, c in caps.items()
+                        if n not in memory_names)
+  lines.append(f"Largest certifiable radius at N = {config.certify.n}, "
+               f"alpha = {config.certify.alpha} (sigma * Phi^-1(alpha^(1/N)) "
+               f"at the largest sigma): {caps_text}.")
+  lines += list(notes)
+  text = "\n".join(lines) + "\n"
+  result = {"summaries": summaries, "paired": paired, "baseline": base,
+            "radius_caps": caps}
+  if distributed.is_main():
+    analysis.write_text(os.path.join(workdir, COMPARISON), text)
+    analysis.write_text(os.path.join(workdir, COMPARISON_JSON),
+                        json.dumps(result, indent=2, default=str) + "\n")
+    curves = {name: analysis.radius_and_correct(
+        columns[name], radius_key=keys[name][0], predict_key=keys[name][1])
+              for name in summaries}
+    analysis.plot_certified_accuracy(
+        curves, os.path.join(workdir, PLOT),
+        title=f"{summaries[base]['dataset']} (N={config.certify.n})")
+  return result, text
+
+
+def compare_fixed_and_ds(config: ml_collections.ConfigDict,
+                         workdir: str) -> tuple[dict[str, Any], str]:
+  """One trained model (in workdir): fixed sigma vs the config's method.
+
+  Certifies into workdir/fixed and workdir/ds ('ascent' when the config's
+  method is 'fixed'); rows "fixed sigma", "data-dependent sigma" and
+  "data-dependent sigma + memory".
+  """
+  method = config.certify.sigma_method
+  method = "ascent" if method == "fixed" else method
+  return compare(config, [
+      Condition("fixed sigma", workdir, os.path.join(workdir, "fixed"),
+                "fixed"),
+      Condition("data-dependent sigma", workdir, os.path.join(workdir, "ds"),
+                method)], workdir)
+
+
+def sigma_table_histogram(table: np.ndarray, sigma0: float,
+                          bins: int = 8) -> str:
+  """A text histogram of a trained per-sample sigma table."""
+  counts, edges = np.histogram(table, bins=bins)
+  width = max(counts.max(), 1)
+  lines = [f"Per-sample sigma table after training ({table.size} training "
+           f"images, sigma0 = {sigma0:g}): mean {table.mean():.4f}, std "
+           f"{table.std():.4f}, min {table.min():.4f}, max {table.max():.4f}",
+           ""]
+  for k, lo, hi in zip(counts, edges[:-1], edges[1:]):
+    lines.append(f"    [{lo:.3f}, {hi:.3f}) {k:6d} " +
+                 "#" * int(round(40 * k / width)))
+  return "\n".join(lines)
+
+
+def read_sigma_table(model_dir: str) -> np.ndarray:
+  """The sigma column of `<model_dir>/export/sigma_table.tsv`."""
+  path = os.path.join(model_dir, train.EXPORT_DIR, train.SIGMA_TABLE)
+  return np.asarray(analysis.read_tsv(path, required=("idx", "sigma"))["sigma"],
+                    np.float64)
+
+
+def paper_comparison(config: ml_collections.ConfigDict,
+                     workdir: str) -> tuple[dict[str, Any], str]:
+  """Trains a fixed- and a per-sample-sigma model, certifies, compares.
+
+  See the module docstring. `config.certify.sigma_method` is the
+  data-dependent method of the two data-dependent rows ('ascent' when it is
+  'fixed'); `config.train.ds.*` are the per-sample settings (`train.ds.enabled`
+  is set for the second model and cleared for the first).
+  """
+  method = config.certify.sigma_method
+  method = "ascent" if method == "fixed" else method
+  models = {}
+  for kind, enabled in (("fixed", False), ("ds", True)):
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+      cfg.train.ds.enabled = enabled
+    models[kind] = os.path.join(workdir, f"train_{kind}")
+    train.train_and_evaluate(cfg, models[kind])
+  table = read_sigma_table(models["ds"])
+  conditions = [
+      Condition("fixed train, fixed sigma", models["fixed"],
+                os.path.join(workdir, "fixed_fixed"), "fixed"),
+      Condition(f"fixed train, {method} sigma", models["fixed"],
+                os.path.join(workdir, f"fixed_{method}"), method),
+      Condition(f"per-sample train, {method} sigma", models["ds"],
+                os.path.join(workdir, f"ds_{method}"), method),
+  ]
+  result, text = compare(
+      config, conditions, workdir,
+      notes=("", sigma_table_histogram(table, config.noise.sigma)))
+  result["sigma_table"] = {"mean": float(table.mean()),
+                           "std": float(table.std()),
+                           "min": float(table.min()),
+                           "max": float(table.max())}
+  return result, text
+
+
+# Settings of the grid method compared by `tune_sigma_grid`: (name, grid,
+# pilot draws per candidate). The cost of a setting is len(grid) * pilot
+# forward passes per image.
+GRID_SETTINGS = (
+    ("7 sigmas x 1000", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 1000),
+    ("7 sigmas x 500", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 500),
+    ("5 sigmas x 1000", (0.12, 0.15, 0.2, 0.25, 0.3), 1000),
+    ("5 sigmas x 500", (0.12, 0.15, 0.2, 0.25, 0.3), 500),
+    ("4 sigmas x 1000", (0.15, 0.2, 0.25, 0.3), 1000),
+    ("7 sigmas x 700", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 700),
+    ("6 sigmas x 800", (0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 800),
+)
+
+
+def tune_sigma_grid(config: ml_collections.ConfigDict, model_dir: str,
+                    workdir: str, settings=GRID_SETTINGS
+                    ) -> tuple[dict[str, Any], str]:
+  """Compares grid settings with fixed sigma on held-out training images.
+
+  Certifies `config.data.test_split` (set it to 'holdout', with
+  `data.holdout > 0` both here and when the model was trained, so that the
+  images were never trained on and the test set is never looked at) at fixed
+  sigma and with each setting of the grid method; the table and the paired
+  tests against fixed sigma go to `<workdir>/comparison.md`.
+  """
+  if config.data.test_split != data_lib.HOLDOUT_SPLIT:
+    raise ConfigError(
+        f"tune_sigma_grid certifies held-out training images: set "
+        f"data.test_split={data_lib.HOLDOUT_SPLIT!r} (and data.holdout > 0), "
+        f"not {config.data.test_split!r}.")
+  conditions = [Condition("fixed sigma", model_dir,
+                          os.path.join(workdir, "fixed"), "fixed")]
+  for name, grid, pilot in settings:
+    slug = name.replace(" ", "")
+    conditions.append(Condition(
+        f"grid {name}", model_dir, os.path.join(workdir, f"grid_{slug}"),
+        "grid", (("sigma_grid.sigmas", tuple(grid)),
+                 ("sigma_grid.pilot", int(pilot)))))
+  return compare(config, conditions, workdir, memory_rows="none")

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The CIFAR-10 study on a CPU (docs/cifar10_cpu.md): one resumable step per
+# call. Training resumes from its checkpoints, certification from its TSV.
+#
+#   bash launch/cifar10_cpu.sh <step> <cifar10-jpeg-q75.zip>
+#
+# Steps:
+#   train_fixed, train_ds   the small CNN at sigma 0.25, fixed or per-sample
+#                           sigma (same seed, epochs, schedule); the export
+#                           (parameters, sigma table) and metrics go to
+#                           results/cifar10-cpu/models/<fixed|ds>/
+#   certify_<MODEL>_<SIGMA> MODEL = fixed | ds, SIGMA = fixed | ascent | grid:
+#                           500 test images, N0 = 100, N = 10,000, alpha 0.001,
+#                           data-dependent sigma through the memory; files in
+#                           results/cifar10-cpu/<MODEL>_<SIGMA>/
+#   tune_grid_<MODEL>       the sigma grid settings on 200 held-out training
+#                           images (never the test set): runs/cifar10-cpu/tune
+#   spot                    1 epoch and 20 images, compared with the committed
+#                           results/cifar10-cpu/spot/certify.tsv
+#
+# Environment: PYTHON (default python), RUNS (default runs/cifar10-cpu; holds
+# the training checkpoints), EPOCHS (default 20).
+set -euo pipefail
+PY=${PYTHON:-python}
+step=$1; zip=$2; shift 2
+runs=${RUNS:-runs/cifar10-cpu}
+res=results/cifar10-cpu
+cfg="dds_jax/configs/cifar10.py:data=$zip,cpu,epochs=${EPOCHS:-20}"
+
+save_model() {  # <run dir> <name>: the small files of a trained model
+  mkdir -p "$res/models/$2"
+  cp "$1/export/"* "$1/metrics.jsonl" "$1/train_config.json" "$res/models/$2/"
+}
+
+case $step in
+  train_fixed|train_ds)
+    m=${step#train_}; extra=""; [ "$m" = ds ] && extra=",ds"
+    "$PY" -m launch.train --config="$cfg$extra" --workdir="$runs/$m" "$@"
+    save_model "$runs/$m" "$m" ;;
+  certify_*)
+    cond=${step#certify_}; m=${cond%_*}; sigma=${cond#*_}
+    soundness=memory; [ "$sigma" = fixed ] && soundness=none
+    "$PY" -m launch.certify --config="$cfg" --workdir="$res/$cond" \
+      --config.certify.checkpoint="$res/models/$m" \
+      --config.certify.sigma_method="$sigma" \
+      --config.certify.soundness="$soundness" "$@" ;;
+  tune_grid_*)
+    m=${step#tune_grid_}
+    "$PY" -m launch.tune_grid --config="$cfg" --workdir="$runs/tune_$m" \
+      --config.certify.checkpoint="$res/models/$m" \
+      --config.data.test_split=holdout --config.certify.skip=5 "$@" ;;
+  spot)
+    rm -rf "$runs/spot"
+    "$PY" -m launch.train --config="$cfg,small" --workdir="$runs/spot/train" \
+      --config.train.epochs=1 "$@"
+    "$PY" -m launch.certify --config="$cfg,small" --workdir="$runs/spot" \
+      --config.certify.checkpoint="$runs/spot/train/export" \
+      --config.certify.sigma_method=grid --config.certify.soundness=memory "$@"
+    "$PY" -m launch.analyze --compare "$res/spot/certify.tsv" \
+      "$runs/spot/certify.tsv" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
