@@ -11,8 +11,9 @@
      (`fixed_<method>/`) and the per-sample-trained model with it
      (`ds_<method>/`); the data-dependent runs go through the memory;
   3. writes `comparison.md` (and `comparison.json`): certified accuracy with
-     95% Clopper-Pearson intervals, the best data-dependent row made sound
-     by the memory with its changed count, and each row's paired comparison
+     95% Clopper-Pearson intervals, each data-dependent row made sound by
+     the memory (the paper's classifier) with its changed count, and each
+     row's paired comparison
      with the baseline (McNemar's exact test and Newcombe's interval of the
      difference, `dds_jax.analysis.paired_comparison`), radii beyond what N
      and alpha can certify marked; the histogram of the trained sigma table;
@@ -85,7 +86,7 @@ def _condition_config(config, cond: Condition) -> ml_collections.ConfigDict:
 
 
 def compare(config: ml_collections.ConfigDict, conditions: list[Condition],
-            workdir: str, *, memory_rows: str = "best",
+            workdir: str, *, memory_rows: str = "all",
             notes: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
   """Certifies each condition and compares them with the first (baseline).
 
@@ -93,9 +94,9 @@ def compare(config: ml_collections.ConfigDict, conditions: list[Condition],
     config: the shared config (test set, N, alpha, sigma settings).
     conditions: the runs; the first is the baseline of the paired tests.
     workdir: receives comparison.md, comparison.json and the plot.
-    memory_rows: 'best': one "+ memory" row, for the data-dependent row of
-      highest ACR without the memory (the paper's sound classifier); 'all':
-      one for each data-dependent row; 'none': no memory rows.
+    memory_rows: 'all' (default): a "+ memory" row (the sound classifier)
+      for each data-dependent row; 'best': only for the data-dependent row
+      of highest ACR without the memory; 'none': no memory rows.
     notes: extra lines for comparison.md.
 
   Returns:
@@ -265,7 +266,18 @@ GRID_SETTINGS = (
     ("4 sigmas x 1000", (0.15, 0.2, 0.25, 0.3), 1000),
     ("7 sigmas x 700", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 700),
     ("6 sigmas x 800", (0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 800),
+    ("4 sigmas x 1250", (0.15, 0.2, 0.25, 0.3), 1250),
 )
+
+
+def grid_settings(names=()) -> tuple:
+  """The GRID_SETTINGS of these names, in order (all when empty)."""
+  known = {name: row for row in GRID_SETTINGS for name in [row[0]]}
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ConfigError(f"unknown grid setting(s) {unknown}; known: "
+                      f"{list(known)}")
+  return tuple(known[n] for n in names) if names else GRID_SETTINGS
 
 
 def tune_sigma_grid(config: ml_collections.ConfigDict, model_dir: str,
