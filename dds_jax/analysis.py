@@ -597,6 +597,69 @@ def paired_comparison(
   return {'radii': radii, 'num_examples': int(ids_b.size), **out}
 
 
+P_LOWER_BUCKETS = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
+
+
+def wins_by_bucket(
+    base: Mapping[str, Any],
+    other: Mapping[str, Any],
+    edges: Sequence[float] = P_LOWER_BUCKETS,
+    *,
+    other_keys: tuple[str, str] = ('radius', 'predict'),
+) -> list[dict[str, Any]]:
+  """Where another run wins or loses against a baseline, by baseline p_lower.
+
+  Each image is put in the bucket [edges[i], edges[i+1]) of the baseline's
+  ``p_lower`` (the last bucket includes its upper edge); within a bucket, an
+  image's radius counts as 0 when it is not correct. Per bucket: ``n``, the
+  mean radius of each run, ``wins`` / ``losses`` (the other run's radius
+  larger / smaller), and the mean sigma of each run when the TSVs have it.
+
+  Raises:
+    InputError: different images, or no ``p_lower`` column in `base`.
+  """
+  ids_b, rad_b, cor_b = _by_id(base, 'radius', 'predict')
+  ids_o, rad_o, cor_o = _by_id(other, *other_keys)
+  if ids_b.shape != ids_o.shape or np.any(ids_b != ids_o):
+    raise errors.InputError('the runs cover different examples')
+  _require(base, 'p_lower')
+
+  def sorted_col(cols, key):
+    order = np.argsort(np.asarray(cols['idx'], np.int64))
+    return np.asarray(cols[key], np.float64)[order]
+
+  p_lower = sorted_col(base, 'p_lower')
+  r_b, r_o = rad_b * (cor_b == 1), rad_o * (cor_o == 1)
+  sig_b = sorted_col(base, 'sigma') if 'sigma' in base else None
+  sig_o = sorted_col(other, 'sigma') if 'sigma' in other else None
+  out = []
+  for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+    last = i == len(edges) - 2
+    mask = (p_lower >= lo) & ((p_lower <= hi) if last else (p_lower < hi))
+    row = {'p_lower_from': float(lo), 'p_lower_to': float(hi),
+           'n': int(mask.sum()),
+           'wins': int(np.sum(r_o[mask] > r_b[mask])),
+           'losses': int(np.sum(r_o[mask] < r_b[mask]))}
+    for name, v in (('mean_radius_base', r_b), ('mean_radius_other', r_o),
+                    ('mean_sigma_base', sig_b), ('mean_sigma_other', sig_o)):
+      row[name] = (float(v[mask].mean()) if v is not None and mask.any()
+                   else None)
+    out.append(row)
+  return out
+
+
+def format_buckets(rows: Sequence[Mapping[str, Any]]) -> str:
+  """A Markdown table of `wins_by_bucket` rows."""
+  num = lambda x: '-' if x is None else f'{x:.3f}'
+  return _markdown(
+      ['baseline p_lower', 'n', 'mean radius (baseline)', 'mean radius',
+       'wins', 'losses', 'mean sigma'],
+      [[f'[{r["p_lower_from"]:g}, {r["p_lower_to"]:g})', str(r['n']),
+        num(r['mean_radius_base']), num(r['mean_radius_other']),
+        str(r['wins']), str(r['losses']), num(r['mean_sigma_other'])]
+       for r in rows])
+
+
 def format_paired(comparisons: Mapping[str, Mapping[str, Any]],
                   caps: Mapping[str, float | None] | None = None) -> str:
   """A Markdown table of `paired_comparison` outputs, one row per run.

@@ -452,3 +452,25 @@ def test_paired_table_and_radius_cap_marks():
   s['radius_cap'] = 0.8
   row = analysis.format_table({'b': s}).splitlines()[-1]
   assert row.count('beyond cap') == 1 and '0.750 [' in row
+
+
+def test_wins_by_bucket_of_the_baseline_p_lower():
+  base = _run(range(6), [0.0, 0.1, 0.5, 0.6, 0.8, 0.8], [0, 1, 1, 1, 1, 1])
+  base['p_lower'] = np.array([0.3, 0.6, 0.95, 0.995, 0.9993, 0.9993])
+  base['sigma'] = np.full(6, 0.25)
+  # Listed in another order: ids 5..0.
+  other = _run([5, 4, 3, 2, 1, 0], [0.9, 0.5, 0.7, 0.5, 0.0, 0.2],
+               [1, 1, 1, 1, 0, 1])
+  other['sigma'] = np.array([0.3, 0.15, 0.2, 0.25, 0.3, 0.3])
+  rows = analysis.wins_by_bucket(base, other)
+  assert [r['n'] for r in rows] == [1, 1, 1, 1, 2]
+  # id 0: base wrong (0), other 0.2: a win; id 1: other wrong: a loss; id 2
+  # ties; id 3: 0.7 > 0.6; ids 4, 5: 0.5 < 0.8 and 0.9 > 0.8.
+  assert [(r['wins'], r['losses']) for r in rows] == [
+      (1, 0), (0, 1), (0, 0), (1, 0), (1, 1)]
+  assert rows[-1]['mean_radius_base'] == pytest.approx(0.8)
+  assert rows[-1]['mean_radius_other'] == pytest.approx(0.7)
+  assert rows[-1]['mean_sigma_other'] == pytest.approx(0.225)
+  del base['p_lower']
+  with pytest.raises(errors.InputError, match='p_lower'):
+    analysis.wins_by_bucket(base, other)

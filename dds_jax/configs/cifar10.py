@@ -7,7 +7,10 @@ ImageFolder directory/zip given by `data=<path>`; `data=tfds` reads
 
 Variants: `method=gaussian|smoothadv|macer` x `sigma=0.12|0.25|0.5|1.0`, with
 or without `ds` (per-sample sigma in training and data-dependent sigma with
-the memory at certification). Settings:
+the memory at certification; `launch.run` with `ds` runs the paper's
+comparison, `dds_jax.experiment.paper_comparison`, training both a fixed and
+a per-sample model). `cpu`: the CIFAR-10 study on a CPU (small CNN, 20
+epochs, N = 10,000; docs/cifar10_cpu.md, launch/cifar10_cpu.sh). Settings:
 
   * gaussian, no `ds`: Cohen et al.'s schedule: SGD lr 0.1, momentum 0.9,
     wd 1e-4, batch 256, 90 epochs, lr x0.1 every 30.
