@@ -100,7 +100,8 @@ def compare(config: ml_collections.ConfigDict, conditions: list[Condition],
     notes: extra lines for comparison.md.
 
   Returns:
-    ({"summaries": by row, "paired": by row, ...}, the Markdown text).
+    ({"summaries": by row, "paired": by row, ...}, the Markdown text); on
+    processes other than 0, ({"summaries": by certified row}, "").
   """
   test_ds = data_lib.load_split(config, config.data.test_split)
   summaries, columns, keys, caps = {}, {}, {}, {}
@@ -113,6 +114,9 @@ def compare(config: ml_collections.ConfigDict, conditions: list[Condition],
     summaries[cond.name] = evaluate.certify_dataset(
         _condition_config(config, cond), cond.model_dir, out_dir=cond.out_dir,
         params=params, bundle=bundle)
+  if not distributed.is_main():  # process 0 reads the TSVs and writes
+    return {"summaries": summaries}, ""
+  for cond in conditions:
     columns[cond.name] = analysis.read_tsv(
         os.path.join(cond.out_dir, evaluate.TSV))
     keys[cond.name] = ("radius", "predict")
@@ -166,16 +170,15 @@ def compare(config: ml_collections.ConfigDict, conditions: list[Condition],
   text = "\n".join(lines) + "\n"
   result = {"summaries": summaries, "paired": paired, "baseline": base,
             "radius_caps": caps}
-  if distributed.is_main():
-    analysis.write_text(os.path.join(workdir, COMPARISON), text)
-    analysis.write_text(os.path.join(workdir, COMPARISON_JSON),
-                        json.dumps(result, indent=2, default=str) + "\n")
-    curves = {name: analysis.radius_and_correct(
-        columns[name], radius_key=keys[name][0], predict_key=keys[name][1])
-              for name in summaries}
-    analysis.plot_certified_accuracy(
-        curves, os.path.join(workdir, PLOT),
-        title=f"{summaries[base]['dataset']} (N={config.certify.n})")
+  analysis.write_text(os.path.join(workdir, COMPARISON), text)
+  analysis.write_text(os.path.join(workdir, COMPARISON_JSON),
+                      json.dumps(result, indent=2, default=str) + "\n")
+  curves = {name: analysis.radius_and_correct(
+      columns[name], radius_key=keys[name][0], predict_key=keys[name][1])
+            for name in summaries}
+  analysis.plot_certified_accuracy(
+      curves, os.path.join(workdir, PLOT),
+      title=f"{summaries[base]['dataset']} (N={config.certify.n})")
   return result, text
 
 
@@ -236,7 +239,6 @@ def paper_comparison(config: ml_collections.ConfigDict,
       cfg.train.ds.enabled = enabled
     models[kind] = os.path.join(workdir, f"train_{kind}")
     train.train_and_evaluate(cfg, models[kind])
-  table = read_sigma_table(models["ds"])
   conditions = [
       Condition("fixed train, fixed sigma", models["fixed"],
                 os.path.join(workdir, "fixed_fixed"), "fixed"),
@@ -245,63 +247,13 @@ def paper_comparison(config: ml_collections.ConfigDict,
       Condition(f"per-sample train, {method} sigma", models["ds"],
                 os.path.join(workdir, f"ds_{method}"), method),
   ]
-  result, text = compare(
-      config, conditions, workdir,
-      notes=("", sigma_table_histogram(table, config.noise.sigma)))
-  result["sigma_table"] = {"mean": float(table.mean()),
-                           "std": float(table.std()),
-                           "min": float(table.min()),
-                           "max": float(table.max())}
+  main = distributed.is_main()  # process 0 wrote the export: it reads it
+  table = read_sigma_table(models["ds"]) if main else None
+  notes = ("", sigma_table_histogram(table, config.noise.sigma)) if main else ()
+  result, text = compare(config, conditions, workdir, notes=notes)
+  if main:
+    result["sigma_table"] = {"mean": float(table.mean()),
+                             "std": float(table.std()),
+                             "min": float(table.min()),
+                             "max": float(table.max())}
   return result, text
-
-
-# Settings of the grid method compared by `tune_sigma_grid`: (name, grid,
-# pilot draws per candidate). The cost of a setting is len(grid) * pilot
-# forward passes per image.
-GRID_SETTINGS = (
-    ("7 sigmas x 1000", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 1000),
-    ("7 sigmas x 500", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 500),
-    ("5 sigmas x 1000", (0.12, 0.15, 0.2, 0.25, 0.3), 1000),
-    ("5 sigmas x 500", (0.12, 0.15, 0.2, 0.25, 0.3), 500),
-    ("4 sigmas x 1000", (0.15, 0.2, 0.25, 0.3), 1000),
-    ("7 sigmas x 700", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 700),
-    ("6 sigmas x 800", (0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 800),
-    ("4 sigmas x 1250", (0.15, 0.2, 0.25, 0.3), 1250),
-)
-
-
-def grid_settings(names=()) -> tuple:
-  """The GRID_SETTINGS of these names, in order (all when empty)."""
-  known = {name: row for row in GRID_SETTINGS for name in [row[0]]}
-  unknown = [n for n in names if n not in known]
-  if unknown:
-    raise ConfigError(f"unknown grid setting(s) {unknown}; known: "
-                      f"{list(known)}")
-  return tuple(known[n] for n in names) if names else GRID_SETTINGS
-
-
-def tune_sigma_grid(config: ml_collections.ConfigDict, model_dir: str,
-                    workdir: str, settings=GRID_SETTINGS
-                    ) -> tuple[dict[str, Any], str]:
-  """Compares grid settings with fixed sigma on held-out training images.
-
-  Certifies `config.data.test_split` (set it to 'holdout', with
-  `data.holdout > 0` both here and when the model was trained, so that the
-  images were never trained on and the test set is never looked at) at fixed
-  sigma and with each setting of the grid method; the table and the paired
-  tests against fixed sigma go to `<workdir>/comparison.md`.
-  """
-  if config.data.test_split != data_lib.HOLDOUT_SPLIT:
-    raise ConfigError(
-        f"tune_sigma_grid certifies held-out training images: set "
-        f"data.test_split={data_lib.HOLDOUT_SPLIT!r} (and data.holdout > 0), "
-        f"not {config.data.test_split!r}.")
-  conditions = [Condition("fixed sigma", model_dir,
-                          os.path.join(workdir, "fixed"), "fixed")]
-  for name, grid, pilot in settings:
-    slug = name.replace(" ", "")
-    conditions.append(Condition(
-        f"grid {name}", model_dir, os.path.join(workdir, f"grid_{slug}"),
-        "grid", (("sigma_grid.sigmas", tuple(grid)),
-                 ("sigma_grid.pilot", int(pilot)))))
-  return compare(config, conditions, workdir, memory_rows="none")

@@ -465,7 +465,7 @@ def select_sigma_grid(apply_fn, params, x, key: jax.Array, *, grid,
       batch_size=batch_size, example_ids=example_ids[rows],
       purpose=noise_lib.Purpose.PILOT, samples_per_block=samples_per_block,
       noise=noise, mesh=mesh)
-  counts = counts.reshape(b, g, -1)
+  counts = counts.reshape(b, g, counts.shape[-1])  # b may be 0 on a process
   top = counts.max(axis=2)
   radius = plug_in_radius(top, pilot, grid[None, :], n, alpha, noise)
   center = float(np.median(grid)) if sigma0 is None else float(sigma0)
