@@ -257,3 +257,55 @@ def paper_comparison(config: ml_collections.ConfigDict,
                              "min": float(table.min()),
                              "max": float(table.max())}
   return result, text
+
+
+# Settings of the grid method compared by `tune_sigma_grid`: (name, grid,
+# pilot draws per candidate). The cost of a setting is len(grid) * pilot
+# forward passes per image.
+GRID_SETTINGS = (
+    ("7 sigmas x 1000", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 1000),
+    ("7 sigmas x 500", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 500),
+    ("5 sigmas x 1000", (0.12, 0.15, 0.2, 0.25, 0.3), 1000),
+    ("5 sigmas x 500", (0.12, 0.15, 0.2, 0.25, 0.3), 500),
+    ("4 sigmas x 1000", (0.15, 0.2, 0.25, 0.3), 1000),
+    ("7 sigmas x 700", (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5), 700),
+    ("6 sigmas x 800", (0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 800),
+    ("4 sigmas x 1250", (0.15, 0.2, 0.25, 0.3), 1250),
+)
+
+
+def grid_settings(names=()) -> tuple:
+  """The GRID_SETTINGS of these names, in order (all when empty)."""
+  known = {name: row for row in GRID_SETTINGS for name in [row[0]]}
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ConfigError(f"unknown grid setting(s) {unknown}; known: "
+                      f"{list(known)}")
+  return tuple(known[n] for n in names) if names else GRID_SETTINGS
+
+
+def tune_sigma_grid(config: ml_collections.ConfigDict, model_dir: str,
+                    workdir: str, settings=GRID_SETTINGS
+                    ) -> tuple[dict[str, Any], str]:
+  """Compares grid settings with fixed sigma on held-out training images.
+
+  Certifies `config.data.test_split` (set it to 'holdout', with
+  `data.holdout > 0` both here and when the model was trained, so that the
+  images were never trained on and the test set is never looked at) at fixed
+  sigma and with each setting of the grid method; the table and the paired
+  tests against fixed sigma go to `<workdir>/comparison.md`.
+  """
+  if config.data.test_split != data_lib.HOLDOUT_SPLIT:
+    raise ConfigError(
+        f"tune_sigma_grid certifies held-out training images: set "
+        f"data.test_split={data_lib.HOLDOUT_SPLIT!r} (and data.holdout > 0), "
+        f"not {config.data.test_split!r}.")
+  conditions = [Condition("fixed sigma", model_dir,
+                          os.path.join(workdir, "fixed"), "fixed")]
+  for name, grid, pilot in settings:
+    slug = name.replace(" ", "")
+    conditions.append(Condition(
+        f"grid {name}", model_dir, os.path.join(workdir, f"grid_{slug}"),
+        "grid", (("sigma_grid.sigmas", tuple(grid)),
+                 ("sigma_grid.pilot", int(pilot)))))
+  return compare(config, conditions, workdir, memory_rows="none")

@@ -8,15 +8,22 @@ r"""Tunes the grid sigma method on held-out training images, never the test set.
       --workdir=runs/digits_tune
 
 Certifies the held-out images at fixed sigma and with each setting of
-`dds_jax.experiment.GRID_SETTINGS` (candidate sigmas, pilot draws), and
-writes the table with the paired tests to --workdir/comparison.md.
+`dds_jax.experiment.GRID_SETTINGS` (candidate sigmas, pilot draws; a subset
+with --settings="7 sigmas x 700,..."), and writes the table with the paired
+tests to --workdir/comparison.md. Settings already certified in --workdir are
+read back, not run again.
 """
 
 from absl import app
+from absl import flags
 
 from dds_jax import distributed
 from dds_jax import experiment
 from launch import common
+
+SETTINGS = flags.DEFINE_list(
+    "settings", [], "Names of dds_jax.experiment.GRID_SETTINGS to compare "
+    "(e.g. '7 sigmas x 700'); empty: all.")
 
 
 def main(argv):
@@ -25,7 +32,8 @@ def main(argv):
   def run():
     config, workdir = common.CONFIG.value, common.WORKDIR.value
     model_dir = config.certify.checkpoint or workdir
-    _, text = experiment.tune_sigma_grid(config, model_dir, workdir)
+    settings = experiment.grid_settings(SETTINGS.value)
+    _, text = experiment.tune_sigma_grid(config, model_dir, workdir, settings)
     if distributed.is_main():
       print(text)
 

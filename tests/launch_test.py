@@ -383,3 +383,12 @@ def test_tune_grid_certifies_held_out_training_images_only(tmp_path):
   assert len(comp["paired"]) == len(experiment.GRID_SETTINGS)
   assert "grid 5 sigmas x 500" in comp["paired"]
   assert "choosing sigma cost 2500 forward passes" in res.stdout
+
+
+def test_grid_settings_by_name():
+  from dds_jax import errors, experiment
+  assert experiment.grid_settings() == experiment.GRID_SETTINGS
+  (row,) = experiment.grid_settings(["4 sigmas x 1000"])
+  assert row == ("4 sigmas x 1000", (0.15, 0.2, 0.25, 0.3), 1000)
+  with pytest.raises(errors.ConfigError, match="unknown grid setting"):
+    experiment.grid_settings(["9 sigmas x 1"])
