@@ -538,6 +538,17 @@ def _by_id(columns: Mapping[str, Any], radius_key: str, predict_key: str):
   return ids[order], radius[order], correct[order]
 
 
+def _aligned(base, other, base_keys, other_keys):
+  """(ids, (radius, correct) of base, the same of other), sorted by idx."""
+  ids_b, rad_b, cor_b = _by_id(base, *base_keys)
+  ids_o, rad_o, cor_o = _by_id(other, *other_keys)
+  if ids_b.shape != ids_o.shape or np.any(ids_b != ids_o):
+    raise errors.InputError(
+        f'the runs cover different examples ({ids_b.size} vs {ids_o.size} '
+        'rows, or other idx): a paired comparison needs the same ones')
+  return ids_b, (rad_b, cor_b), (rad_o, cor_o)
+
+
 def paired_comparison(
     base: Mapping[str, Any],
     other: Mapping[str, Any],
@@ -574,12 +585,8 @@ def paired_comparison(
     InputError: the runs do not cover the same examples, or a column is
       missing.
   """
-  ids_b, rad_b, cor_b = _by_id(base, *base_keys)
-  ids_o, rad_o, cor_o = _by_id(other, *other_keys)
-  if ids_b.shape != ids_o.shape or np.any(ids_b != ids_o):
-    raise errors.InputError(
-        f'the runs cover different examples ({ids_b.size} vs {ids_o.size} '
-        'rows, or other idx): a paired comparison needs the same ones')
+  ids_b, (rad_b, cor_b), (rad_o, cor_o) = _aligned(base, other, base_keys,
+                                                    other_keys)
   out = {k: [] for k in ('only_other', 'only_base', 'both', 'neither',
                          'difference', 'ci_low', 'ci_high', 'p_value')}
   radii = [float(r) for r in radii]
@@ -618,10 +625,8 @@ def wins_by_bucket(
   Raises:
     InputError: different images, or no ``p_lower`` column in `base`.
   """
-  ids_b, rad_b, cor_b = _by_id(base, 'radius', 'predict')
-  ids_o, rad_o, cor_o = _by_id(other, *other_keys)
-  if ids_b.shape != ids_o.shape or np.any(ids_b != ids_o):
-    raise errors.InputError('the runs cover different examples')
+  _, (rad_b, cor_b), (rad_o, cor_o) = _aligned(
+      base, other, ('radius', 'predict'), other_keys)
   _require(base, 'p_lower')
 
   def sorted_col(cols, key):
