@@ -654,8 +654,9 @@ def wins_by_bucket(
 
 
 def format_buckets(rows: Sequence[Mapping[str, Any]]) -> str:
-  """A Markdown table of `wins_by_bucket` rows."""
+  """A Markdown table of `wins_by_bucket` rows (empty buckets left out)."""
   num = lambda x: '-' if x is None else f'{x:.3f}'
+  rows = [r for r in rows if r['n']] or rows[:1]
   return _markdown(
       ['baseline p_lower', 'n', 'mean radius (baseline)', 'mean radius',
        'wins', 'losses', 'mean sigma'],
@@ -698,6 +699,130 @@ def format_paired(comparisons: Mapping[str, Mapping[str, Any]],
   return _markdown(header, rows)
 
 
+def histogram_lines(values: Any, bins: int = 8, width: int = 40,
+                    edge_format: str = '+.3f') -> list[str]:
+  """A text histogram, one line per bin: ``[lo, hi)  count  ####``."""
+  counts, edges = np.histogram(np.asarray(values, np.float64), bins=bins)
+  top = max(int(counts.max()), 1)
+  return [f'    [{lo:{edge_format}}, {hi:{edge_format}}) {k:6d} '
+          + '#' * int(round(width * k / top))
+          for k, lo, hi in zip(counts, edges[:-1], edges[1:])]
+
+
+# The summary file a certification writes beside its TSV (dds_jax.evaluate).
+CERTIFY_SUMMARY = 'summary.json'
+
+
+def certify_notes(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """One line per data-dependent run and per memory, from certification
+  summaries (summary.json): sigma's range and the forward passes spent
+  choosing it beside CERTIFY's n0 + N; the memory's store size, changed
+  count and union bound."""
+  lines = []
+  for name, s in summaries.items():
+    if s.get('data_dependent_sigma'):
+      st = s['sigma_stats']
+      lines.append(
+          f"{name}: sigma mean {st['mean']:.4f} (min {st['min']:.4f}, "
+          f"max {st['max']:.4f}); choosing sigma cost "
+          f"{s['sigma_forward_passes']} forward passes per image, "
+          f"{s['sigma_forward_passes'] / s['certify_forward_passes']:.2f}x "
+          f"CERTIFY's n0 + N = {s['certify_forward_passes']}.")
+  for name, s in summaries.items():
+    m = s.get('memory')
+    if m is not None and 'num_stored' in m:
+      lines.append(f"{name} + memory: {m['num_stored']} stored certificates, "
+                   f"{m['num_changed_this_run']} changed by the memory rule, "
+                   f"union bound k * alpha = {m['union_bound']:.3g}.")
+  return lines
+
+
+def paired_report(
+    runs: Mapping[str, Mapping[str, Any]],
+    radii: Sequence[float],
+    *,
+    sigma0: float | None = None,
+    bucket_rows: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], str]:
+  """Runs compared with the first (the baseline) on the same images.
+
+  Args:
+    runs: by row name, in table order: ``columns`` (as from `read_tsv`),
+      ``summary`` (a `summarize` dict, or a certification's summary.json
+      with ``radius_cap``), and optionally ``keys`` (radius and prediction
+      columns, default ``('radius', 'predict')``; ``('radius_mem',
+      'predict_mem')`` for a row made sound by the memory).
+    radii: radii of the paired tests.
+    sigma0: the reference sigma of the sigma - sigma0 histograms (default:
+      the baseline's median sigma).
+    bucket_rows: the rows whose wins and losses by p_lower are reported
+      (default: every row but the baseline, the "+ memory" row in place of
+      the row it makes sound).
+
+  Returns:
+    ({"paired": `paired_comparison` by row, "buckets": `wins_by_bucket` by
+    row (when the baseline has ``p_lower``), "sigma_minus_sigma0": quantiles
+    by row whose sigma varies, "baseline"}, the Markdown text: the table of
+    certified accuracy, the paired tests, and per row where it wins and
+    loses by the baseline's p_lower and the distribution of sigma - sigma0).
+  """
+  if len(runs) < 2:
+    raise errors.InputError('a paired report needs a baseline and another run')
+  names = list(runs)
+  base = names[0]
+  keys = {n: tuple(r.get('keys', ('radius', 'predict'))) for n, r in runs.items()}
+  cols = {n: r['columns'] for n, r in runs.items()}
+  summaries = {n: r['summary'] for n, r in runs.items()}
+  paired = {n: paired_comparison(cols[base], cols[n], radii,
+                                 base_keys=keys[base], other_keys=keys[n])
+            for n in names[1:]}
+  caps = {n: max(summaries[base].get('radius_cap') or -np.inf,
+                 summaries[n].get('radius_cap') or -np.inf) for n in paired}
+  caps = {n: (None if c == -np.inf else c) for n, c in caps.items()}
+  lines = [format_table(summaries), '',
+           f'Paired with the baseline ({base}) on the same '
+           f'{paired[names[1]]["num_examples"]} images: difference in '
+           'certified accuracy [Newcombe 95% interval], discordant images '
+           '(only this row : only the baseline), McNemar exact p.', '',
+           format_paired(paired, caps)]
+  result = {'baseline': base, 'paired': paired, 'buckets': {},
+            'sigma_minus_sigma0': {}}
+  if bucket_rows is None:
+    bucket_rows = [n for n in names[1:] if f'{n} + memory' not in runs]
+  if 'p_lower' in cols[base]:
+    for n in bucket_rows:
+      rows = wins_by_bucket(cols[base], cols[n], other_keys=keys[n])
+      result['buckets'][n] = rows
+      lines += ['', f'{n} against the baseline, by the baseline\'s p_lower '
+                '(radius 0 where wrong; wins / losses: larger / smaller '
+                'radius):', '', format_buckets(rows).rstrip('\n')]
+  if sigma0 is None and 'sigma' in cols[base]:
+    sigma0 = float(np.median(cols[base]['sigma']))
+  seen = set()
+  for n in names:
+    sig = cols[n].get('sigma')
+    if sig is None or sigma0 is None or id(cols[n]) in seen:
+      continue
+    seen.add(id(cols[n]))  # a "+ memory" row shares its run's sigma
+    sig = np.asarray(sig, np.float64)
+    if np.all(sig == sig[0]):
+      continue
+    d = sig - sigma0
+    q = np.quantile(d, [0.0, 0.1, 0.5, 0.9, 1.0])
+    result['sigma_minus_sigma0'][n] = {
+        'mean': float(d.mean()), 'std': float(d.std()),
+        'quantiles': {k: float(v) for k, v in zip(
+            ('min', 'p10', 'median', 'p90', 'max'), q)},
+        'fraction_below': float(np.mean(d < 0)),
+        'fraction_above': float(np.mean(d > 0))}
+    lines += ['', f'{n}: sigma - sigma0 (sigma0 = {sigma0:g}) over '
+              f'{d.size} images: mean {d.mean():+.4f}, median {q[2]:+.4f}, '
+              f'10%-90% [{q[1]:+.4f}, {q[3]:+.4f}], '
+              f'{np.mean(d < 0):.0%} below and {np.mean(d > 0):.0%} above '
+              'sigma0', ''] + histogram_lines(d)
+  return result, '\n'.join(lines) + '\n'
+
+
 # ---------------------------------------------------------------------------
 # Presentation.
 # ---------------------------------------------------------------------------
@@ -710,11 +835,15 @@ def default_run_names(paths: Sequence[PathLike]) -> list[str]:
     paths: TSV paths.
 
   Returns:
-    One name per path, e.g. ``noise_0.25`` or ``sigma_0.25/certify``.
+    One name per path, e.g. ``noise_0.25``, or ``sigma_0.25`` for
+    ``sigma_0.25/certify.tsv`` when every file has the same name.
   """
   parts = [os.path.normpath(os.path.abspath(os.fspath(p))).split(os.sep)
            for p in paths]
   parts = [p[:-1] + [os.path.splitext(p[-1])[0]] for p in parts]
+  if (len(parts) > 1 and len({p[-1] for p in parts}) == 1
+      and len({tuple(p) for p in parts}) == len(parts)):
+    parts = [p[:-1] for p in parts]  # runs/a/certify.tsv, runs/b/certify.tsv
   depth = 1
   while True:
     names = ['/'.join(p[-depth:]) for p in parts]

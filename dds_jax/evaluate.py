@@ -68,7 +68,7 @@ from dds_jax.errors import ConfigError
 
 TSV = "certify.tsv"
 SIGMA_TSV = "sigma.tsv"
-SUMMARY = "summary.json"
+SUMMARY = analysis.CERTIFY_SUMMARY
 PLOT = "certified_accuracy.png"
 MEMORY = "memory.sqlite"
 STATE = "certify_state.json"

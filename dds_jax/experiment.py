@@ -134,33 +134,14 @@ def compare(config: ml_collections.ConfigDict, conditions: list[Condition],
     keys[row] = MEMORY_KEYS
     caps[row] = caps[name]
 
-  base = conditions[0].name
-  radii = list(config.certify.radii)
-  paired = {name: analysis.paired_comparison(
-      columns[base], columns[name], radii, base_keys=keys[base],
-      other_keys=keys[name]) for name in summaries if name != base}
-  pair_caps = {name: max(caps[base], caps[name]) for name in paired}
-  lines = [analysis.format_table(summaries), "",
-           f"Paired with the baseline ({base}) on the same "
-           f"{summaries[base]['num_examples']} images: difference in "
-           "certified accuracy [Newcombe 95% interval], discordant images "
-           "(only this row : only the baseline), McNemar exact p.", "",
-           analysis.format_paired(paired, pair_caps), ""]
-  for cond in conditions:
-    s = summaries[cond.name]
-    if cond.sigma_method != "fixed":
-      st = s["sigma_stats"]
-      lines.append(
-          f"{cond.name}: sigma mean {st['mean']:.4f} (min {st['min']:.4f}, "
-          f"max {st['max']:.4f}); choosing sigma cost "
-          f"{s['sigma_forward_passes']} forward passes per image, "
-          f"{s['sigma_forward_passes'] / s['certify_forward_passes']:.2f}x "
-          f"CERTIFY's n0 + N = {s['certify_forward_passes']}.")
-  for row, name in memory_names.items():
-    m = summaries[row]
-    lines.append(f"{row}: {m['num_stored']} stored certificates, "
-                 f"{m['num_changed_this_run']} changed by the memory rule, "
-                 f"union bound k * alpha = {m['union_bound']:.3g}.")
+  runs = {name: {"columns": columns[name], "summary": summaries[name],
+                 "keys": keys[name]} for name in summaries}
+  result, report = analysis.paired_report(
+      runs, list(config.certify.radii), sigma0=float(config.noise.sigma))
+  base = result["baseline"]
+  lines = [report]
+  lines += analysis.certify_notes({c.name: summaries[c.name]
+                                   for c in conditions})
   caps_text = ", ".join(f"{n}: {c:.3f}" for n, c in caps.items()
                         if n not in memory_names)
   lines.append(f"Largest certifiable radius at N = {config.certify.n}, "
@@ -168,8 +149,7 @@ def compare(config: ml_collections.ConfigDict, conditions: list[Condition],
                f"at the largest sigma): {caps_text}.")
   lines += list(notes)
   text = "\n".join(lines) + "\n"
-  result = {"summaries": summaries, "paired": paired, "baseline": base,
-            "radius_caps": caps}
+  result.update(summaries=summaries, radius_caps=caps)
   analysis.write_text(os.path.join(workdir, COMPARISON), text)
   analysis.write_text(os.path.join(workdir, COMPARISON_JSON),
                       json.dumps(result, indent=2, default=str) + "\n")
@@ -202,16 +182,11 @@ def compare_fixed_and_ds(config: ml_collections.ConfigDict,
 def sigma_table_histogram(table: np.ndarray, sigma0: float,
                           bins: int = 8) -> str:
   """A text histogram of a trained per-sample sigma table."""
-  counts, edges = np.histogram(table, bins=bins)
-  width = max(counts.max(), 1)
-  lines = [f"Per-sample sigma table after training ({table.size} training "
-           f"images, sigma0 = {sigma0:g}): mean {table.mean():.4f}, std "
-           f"{table.std():.4f}, min {table.min():.4f}, max {table.max():.4f}",
-           ""]
-  for k, lo, hi in zip(counts, edges[:-1], edges[1:]):
-    lines.append(f"    [{lo:.3f}, {hi:.3f}) {k:6d} " +
-                 "#" * int(round(40 * k / width)))
-  return "\n".join(lines)
+  return "\n".join(
+      [f"Per-sample sigma table after training ({table.size} training "
+       f"images, sigma0 = {sigma0:g}): mean {table.mean():.4f}, std "
+       f"{table.std():.4f}, min {table.min():.4f}, max {table.max():.4f}", ""]
+      + analysis.histogram_lines(table, bins, edge_format=".3f"))
 
 
 def read_sigma_table(model_dir: str) -> np.ndarray:

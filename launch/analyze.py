@@ -12,7 +12,14 @@ into --out:
 
 * ``certified_accuracy.png``: certified accuracy against L2 radius, all runs;
 * ``summary_table.md`` (or ``summary_table.csv`` with --format=csv);
-* ``summary.json``: the `dds_jax.analysis.summarize` dicts by run name.
+* ``analysis.json``: the `dds_jax.analysis.summarize` dicts by run name;
+* with --paired, ``comparison.md`` and ``comparison.json``: every run
+  against the first on the same images (`dds_jax.analysis.paired_report`:
+  McNemar's exact test, Newcombe's interval of the difference, wins and
+  losses by the first run's p_lower, sigma - sigma0), a "+ memory" row for
+  each TSV with the memory's columns, and the radius cap, sigma cost and
+  memory counts from the certification's ``summary.json`` beside each TSV
+  where there is one (read, never written).
 
 --out defaults to the directory of the first TSV, so that the summary lands
 beside the results it describes (``runs/EXP/certify.tsv`` ->
@@ -57,6 +64,9 @@ _PREDICT_KEY = flags.DEFINE_string(
     'predict_key', 'predict',
     'Prediction column (e.g. predict_mem); correctness is derived from it '
     'and the label when it is not "predict".')
+_PAIRED = flags.DEFINE_bool(
+    'paired', False, 'Compare every TSV with the first (the baseline) on the '
+    'same images: comparison.md and comparison.json in --out.')
 _TITLE = flags.DEFINE_string('title', None, 'Plot title.')
 _MAX_RADIUS = flags.DEFINE_float(
     'max_radius', None, 'Right end of the plot x axis (default: automatic).')
@@ -84,13 +94,16 @@ def run(paths: Sequence[str]) -> None:
   if len(set(names)) != len(names):
     raise errors.ConfigError(f'--names: names must be distinct, got {names}')
 
-  columns, summaries = {}, {}
+  columns, summaries, certified = {}, {}, {}
   for name, path in zip(names, paths):
     columns[name] = analysis.read_tsv(path)
     summaries[name] = analysis.summarize(
         columns[name], radii, radius_key=_RADIUS_KEY.value,
         predict_key=_PREDICT_KEY.value)
     summaries[name]['path'] = path
+    certified[name] = _certify_summary(path)
+    if certified[name] is not None:
+      summaries[name]['radius_cap'] = certified[name].get('radius_cap')
 
   table = analysis.format_table(summaries, fmt=_FORMAT.value, ci=_CI.value)
   print(table, end='')
@@ -104,6 +117,11 @@ def run(paths: Sequence[str]) -> None:
           predict_key=_PREDICT_KEY.value)
       for name in names
   }
+  if _PAIRED.value:
+    for name in names:
+      if 'radius_mem' in columns[name]:
+        curves[f'{name} + memory'] = analysis.radius_and_correct(
+            columns[name], radius_key='radius_mem', predict_key='predict_mem')
   plot_path = os.path.join(out, 'certified_accuracy.png')
   analysis.plot_certified_accuracy(
       curves, plot_path, title=_TITLE.value, max_radius=_MAX_RADIUS.value)
@@ -113,9 +131,53 @@ def run(paths: Sequence[str]) -> None:
   else:
     table_path = os.path.join(out, 'summary_table.csv')
     analysis.write_text(table_path, table)
-  json_path = os.path.join(out, 'summary.json')
+  json_path = os.path.join(out, 'analysis.json')
   analysis.write_text(json_path, json.dumps(summaries, indent=2) + '\n')
   print(f'\nwrote {plot_path}, {table_path}, {json_path}', file=sys.stderr)
+  if _PAIRED.value:
+    _paired(names, columns, summaries, certified, radii, out)
+
+
+def _certify_summary(tsv_path: str):
+  """The certification's summary.json beside a TSV, or None."""
+  path = os.path.join(os.path.dirname(os.path.abspath(tsv_path)),
+                      analysis.CERTIFY_SUMMARY)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      summary = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.InputError(f'{path}: {e}') from None
+  return summary if isinstance(summary, dict) and 'n0' in summary else None
+
+
+def _paired(names, columns, summaries, certified, radii, out) -> None:
+  """comparison.md / .json: each run against the first, memory rows added."""
+  if len(names) < 2:
+    raise errors.ConfigError('--paired: give the baseline TSV and at least '
+                             'one more')
+  runs = {}
+  keys = (_RADIUS_KEY.value, _PREDICT_KEY.value)
+  for name in names:
+    runs[name] = {'columns': columns[name], 'summary': summaries[name],
+                  'keys': keys}
+    if keys == ('radius', 'predict') and 'radius_mem' in columns[name]:
+      mem = analysis.summarize(columns[name], radii, radius_key='radius_mem',
+                               predict_key='predict_mem')
+      mem['radius_cap'] = summaries[name].get('radius_cap')
+      runs[f'{name} + memory'] = {'columns': columns[name], 'summary': mem,
+                                  'keys': ('radius_mem', 'predict_mem')}
+  result, text = analysis.paired_report(runs, radii)
+  notes = analysis.certify_notes(
+      {n: s for n, s in certified.items() if s is not None})
+  text += '\n'.join(notes) + ('\n' if notes else '')
+  print('\n' + text, end='')
+  md = os.path.join(out, 'comparison.md')
+  analysis.write_text(md, text + '\n' + analysis.TABLE_NOTE + '\n')
+  analysis.write_text(os.path.join(out, 'comparison.json'),
+                      json.dumps(result, indent=2) + '\n')
+  print(f'wrote {md}', file=sys.stderr)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -334,7 +334,9 @@ def test_default_run_names():
   names = analysis.default_run_names(['x/noise_0.25.tsv', 'y/noise_0.5.tsv'])
   assert names == ['noise_0.25', 'noise_0.5']
   names = analysis.default_run_names(['a/s1/certify.tsv', 'b/s1/certify.tsv'])
-  assert names == ['a/s1/certify', 'b/s1/certify']
+  assert names == ['a/s1', 'b/s1']
+  names = analysis.default_run_names(['r/fixed/certify.tsv', 'r/ds/certify.tsv'])
+  assert names == ['fixed', 'ds']
   names = analysis.default_run_names(['a/c.tsv', 'a/c.tsv'])
   assert names == ['c#0', 'c#1']
 
@@ -381,7 +383,7 @@ def test_launcher_end_to_end(tmp_path):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   with open(out / 'summary_table.md', encoding='utf-8') as f:
     assert '0.600 [0.556, 0.643]' in f.read()
-  with open(out / 'summary.json', encoding='utf-8') as f:
+  with open(out / 'analysis.json', encoding='utf-8') as f:
     summary = json.load(f)
   assert summary['noise_0.50']['certified_accuracy'][3] == pytest.approx(0.234)
 
@@ -474,3 +476,74 @@ def test_wins_by_bucket_of_the_baseline_p_lower():
   del base['p_lower']
   with pytest.raises(errors.InputError, match='p_lower'):
     analysis.wins_by_bucket(base, other)
+
+
+def _certify_dir(root, name, radius, correct, sigma, *, memory=None, cap=None):
+  """A certification's TSV (and summary.json when cap is given) in root/name."""
+  d = root / name
+  d.mkdir()
+  cols = _run(range(len(radius)), radius, correct)
+  cols['time'] = np.ones(len(radius))
+  cols['sigma'] = np.asarray(sigma, float)
+  cols['p_lower'] = np.linspace(0.4, 0.9995, len(radius))
+  if memory is not None:
+    cols['predict_mem'] = np.where(np.asarray(memory) > 0, 0, -1)
+    cols['radius_mem'] = np.asarray(memory, float)
+    cols['changed'] = np.zeros(len(radius), int)
+  analysis.write_tsv(d / 'certify.tsv', cols)
+  if cap is not None:
+    summary = {'n0': 10, 'radius_cap': cap, 'data_dependent_sigma': memory
+               is not None, 'sigma_stats': {'mean': float(np.mean(sigma)),
+                                            'min': 0.0, 'max': 1.0},
+               'sigma_forward_passes': 40, 'certify_forward_passes': 110}
+    if memory is not None:
+      summary['memory'] = {'num_stored': 12, 'num_changed_this_run': 0,
+                           'union_bound': 0.012}
+    write(d / 'summary.json', json.dumps(summary))
+  return str(d / 'certify.tsv')
+
+
+def test_paired_report_sections_and_sigma_distribution():
+  base = _run(range(8), [0.5] * 6 + [0.0] * 2, [1] * 6 + [0] * 2)
+  base['p_lower'] = np.full(8, 0.95)
+  base['sigma'] = np.full(8, 0.25)
+  other = _run(range(8), [0.6] * 8, [1] * 8)
+  other['sigma'] = np.array([0.2] * 6 + [0.3, 0.35])
+  result, text = analysis.paired_report(
+      {'base': {'columns': base, 'summary': analysis.summarize(base, [0.5])},
+       'other': {'columns': other,
+                 'summary': analysis.summarize(other, [0.5])}}, [0.5])
+  assert result['paired']['other']['only_other'] == [2]
+  assert result['buckets']['other'][2]['wins'] == 8   # all in [0.9, 0.99)
+  d = result['sigma_minus_sigma0']['other']            # sigma0: base median
+  assert d['fraction_below'] == 0.75 and d['quantiles']['max'] == (
+      pytest.approx(0.1))
+  assert 'base' not in result['sigma_minus_sigma0']   # constant sigma
+  assert 'McNemar' in text and "by the baseline's p_lower" in text
+  assert '75% below' in text
+  with pytest.raises(errors.InputError, match='baseline'):
+    analysis.paired_report({'base': {'columns': base, 'summary': {}}}, [0.5])
+
+
+def test_launcher_paired_adds_memory_rows_and_reads_summaries(tmp_path):
+  base = _certify_dir(tmp_path, 'fixed', [0.5] * 10 + [0.0] * 2,
+                      [1] * 10 + [0] * 2, [0.25] * 12, cap=0.8)
+  ds = _certify_dir(tmp_path, 'grid', [0.9] * 12, [1] * 12,
+                    [0.3] * 6 + [0.2] * 6, memory=[0.9] * 11 + [0.0], cap=0.85)
+  before = open(os.path.join(tmp_path, 'grid', 'summary.json')).read()
+  out = tmp_path / 'out'
+  result = run_analyze(base, ds, '--paired', '--radii=0,0.5,1',
+                       f'--out={out}')
+  assert result.returncode == 0, result.stderr
+  comp = json.load(open(out / 'comparison.json'))
+  assert list(comp['paired']) == ['grid', 'grid + memory']
+  i = comp['paired']['grid']['radii'].index(0.5)
+  assert comp['paired']['grid']['only_other'][i] == 2
+  assert comp['paired']['grid + memory']['only_other'][i] == 1
+  assert list(comp['buckets']) == ['grid + memory']  # the sound row only
+  text = open(out / 'comparison.md').read()
+  assert 'beyond cap' in text                         # r = 1 > 0.85
+  assert '0.36x' in text and '12 stored certificates' in text
+  assert open(os.path.join(tmp_path, 'grid', 'summary.json')).read() == before
+  result = run_analyze(base, '--paired', f'--out={out}')
+  assert result.returncode == 1 and '--paired' in result.stderr
