@@ -336,19 +336,11 @@ def _memory_rule(store, part, cert, pending):
 
 
 def _sigma_cost(config) -> int:
-  """Forward passes per example spent on choosing sigma.
-
-  grid: every candidate's pilot draws; ascent: each step's forward-mode
-  derivative costs about two forward passes of its m draws, plus the final
-  proxy evaluation; fixed and file: none.
-  """
-  method = config.certify.sigma_method
-  if method == "grid":
-    return len(config.sigma_grid.sigmas) * int(config.sigma_grid.pilot)
-  if method == "ascent":
-    so = config.sigma_opt
-    return (2 * so.steps + 1) * so.num_samples
-  return 0
+  """Forward passes per example spent on choosing sigma (the config's method)."""
+  return sigma_opt_lib.selection_cost(
+      config.certify.sigma_method, grid_size=len(config.sigma_grid.sigmas),
+      pilot=config.sigma_grid.pilot, steps=config.sigma_opt.steps,
+      num_samples=config.sigma_opt.num_samples)
 
 
 def _summarize(run: _Run, rows, wall, sigma_time, examples_this_run,

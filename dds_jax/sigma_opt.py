@@ -379,6 +379,22 @@ def evaluate_proxy(apply_fn, params, x, sigma, key: jax.Array, *,
                     np.float64)
 
 
+def selection_cost(method: str, *, grid_size: int = 0, pilot: int = 0,
+                   steps: int = 0, num_samples: int = 0) -> int:
+  """Forward passes per example spent on choosing sigma.
+
+  grid: every candidate's pilot draws (grid_size * pilot); ascent: each
+  step's forward-mode derivative costs about two forward passes of its
+  num_samples draws, plus the final proxy evaluation; any other method
+  (fixed, a sigma file): none.
+  """
+  if method == "grid":
+    return int(grid_size) * int(pilot)
+  if method == "ascent":
+    return (2 * int(steps) + 1) * int(num_samples)
+  return 0
+
+
 @dataclasses.dataclass(frozen=True)
 class GridChoice:
   """What `select_sigma_grid` saw, per example (numpy arrays).
@@ -481,7 +497,9 @@ def select_sigma_grid(apply_fn, params, x, key: jax.Array, *, grid,
                      axis=1)
   choice = order[:, -1] if b else np.zeros(0, np.int64)
   return GridChoice(sigma=grid[choice], expected_radius=radius,
-                    counts=top, forward_passes=int(g * pilot))
+                    counts=top,
+                    forward_passes=selection_cost("grid", grid_size=g,
+                                                  pilot=pilot))
 
 
 def make_sigma_fn(apply_fn, params, sigma0, key: jax.Array, **kwargs):

@@ -122,3 +122,10 @@ def test_bad_grid_is_a_clear_error():
   with pytest.raises(InputError, match="grid"):
     sigma_opt.select_sigma_grid(slab_apply, {}, _image(0)[None],
                                 jax.random.key(0), grid=(0.1, -1.0))
+
+
+def test_selection_cost_in_forward_passes():
+  assert sigma_opt.selection_cost("grid", grid_size=4, pilot=1000) == 4000
+  # Ascent: two passes per step's derivative plus the final evaluation.
+  assert sigma_opt.selection_cost("ascent", steps=100, num_samples=16) == 3216
+  assert sigma_opt.selection_cost("fixed", grid_size=4, pilot=1000) == 0
