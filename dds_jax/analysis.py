@@ -242,6 +242,14 @@ def read_tsv(
   return columns
 
 
+def read_sigma_by_id(path: PathLike) -> dict[int, float]:
+  """{example id: sigma} of a TSV with columns idx and sigma: a trained
+  per-sample sigma table, or a certification's sigma.tsv."""
+  cols = read_tsv(path, required=('idx', 'sigma'))
+  return dict(zip(np.asarray(cols['idx'], np.int64).tolist(),
+                  np.asarray(cols['sigma'], np.float64).tolist()))
+
+
 def _format_float(x: float, float_format: str | None) -> str:
   if float_format is not None:
     s = float_format % x

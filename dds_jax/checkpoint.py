@@ -227,6 +227,20 @@ def restore_params(config, workdir: str, image_shape, mesh=None):
   Returns:
     (models.ModelBundle, variables).
   """
+  bundle, params, _ = restore_params_and_meta(config, workdir, image_shape,
+                                              mesh)
+  return bundle, params
+
+
+def restore_params_and_meta(config, workdir: str, image_shape, mesh=None):
+  """`restore_params`, and the metadata saved with the checkpoint or export.
+
+  Where the metadata records the images' shape (every model trained since it
+  does), a checkpoint trained on other images is refused.
+
+  Returns:
+    (models.ModelBundle, variables, metadata dict).
+  """
   bundle = models.build_from_config(config, image_shape)
   template = jax.eval_shape(bundle.init, jax.random.key(0))
   if config.certify.checkpoint:
@@ -239,9 +253,14 @@ def restore_params(config, workdir: str, image_shape, mesh=None):
     where = config.certify.checkpoint or workdir
     raise ConfigError(f"the checkpoint in {where} is of model "
                       f"{meta.get('model')!r}, not {config.model.name!r}")
+  shape = meta.get("image_shape")
+  if shape is not None and tuple(shape) != tuple(image_shape):
+    where = config.certify.checkpoint or workdir
+    raise ConfigError(f"the checkpoint in {where} was trained on images of "
+                      f"shape {tuple(shape)}, not {tuple(image_shape)}")
   if params is None:
     mesh = mesh or distributed.make_mesh(config.mesh.num_devices or None)
     params = ckpt.restore(template, sharding=jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))["params"]
     ckpt.close()
-  return bundle, params
+  return bundle, params, meta

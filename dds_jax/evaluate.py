@@ -54,6 +54,7 @@ from dds_jax import analysis
 from dds_jax import checkpoint as ckpt_lib
 from dds_jax import data as data_lib
 from dds_jax import distributed
+from dds_jax import dual as dual_lib
 from dds_jax import memory as memory_lib
 from dds_jax import models
 from dds_jax import noise as noise_lib
@@ -75,15 +76,18 @@ STATE = "certify_state.json"
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "sigma",
            "p_lower")
 MEMORY_COLUMNS = ("predict_mem", "radius_mem", "changed")
+# sigma_method = selector: the selector's choice (-1: it abstained) and
+# radius, and the classifier's radius; with dual soundness radius = min of
+# the two (dds_jax.dual).
+SELECTOR_COLUMNS = ("sigma_index", "radius_sigma", "radius_c")
 SIGMA_COLUMNS = ("idx", "sigma0", "sigma", "nonfinite_steps")
 INT_COLUMNS = ("idx", "label", "predict", "correct", "predict_mem", "changed",
-               "nonfinite_steps")
+               "nonfinite_steps", "sigma_index")
 PENDING = ("pred", "radius", "raw_pred", "changed")
 
 
 def _read_sigma_file(path: str, ids: np.ndarray) -> np.ndarray:
-  cols = analysis.read_tsv(path, required=("idx", "sigma"))
-  table = dict(zip(cols["idx"].tolist(), cols["sigma"].tolist()))
+  table = analysis.read_sigma_by_id(path)
   missing = [int(i) for i in ids if int(i) not in table]
   if missing:
     raise ConfigError(f"sigma_opt.sigma_file {path} has no sigma for example "
@@ -211,6 +215,7 @@ class _Run:
   key: jax.Array
   store: Optional[memory_lib.MemoryStore]  # process 0 with the memory only
   sigma_optimizer: Any = None
+  selector: Any = None    # sigma_method = selector: (bundle, replicated params)
 
 
 def _load(config, workdir, out_dir, params, bundle) -> _Run:
@@ -236,20 +241,57 @@ def _load(config, workdir, out_dir, params, bundle) -> _Run:
             "earlier queries; new ones are checked against them", flush=True)
   optimizer = sigma_opt_lib.make_optimizer(config.sigma_opt.optimizer,
                                            float(config.sigma_opt.lr))
+  selector = None
+  if cc.sigma_method == "selector":
+    sel_bundle, sel_params = dual_lib.load_selector(config, ds.image_shape,
+                                                    mesh)
+    selector = (sel_bundle, distributed.replicate(sel_params, mesh))
   return _Run(config, out_dir, ds, bundle, params, mesh,
-              jax.random.key(config.seed), store, optimizer)
+              jax.random.key(config.seed), store, optimizer, selector)
 
 
-def _choose_sigma(run: _Run, part, mine, sigma_rows) -> np.ndarray:
-  """This process's sigmas for its slice `mine` of the call `part`."""
+def _alphas(config) -> tuple[float, float]:
+  """(alpha of the selector, alpha of the classifier's CERTIFY).
+
+  Dual soundness splits certify.alpha between the two (their union bound is
+  the certificate's); otherwise the classifier has all of it and the
+  selector, which only picks sigma, abstains at the same split.
+  """
+  alpha_sigma, alpha_c = dual_lib.split_alpha(
+      config.certify.alpha, config.dual.alpha_sigma_fraction)
+  if config.certify.soundness != "dual":
+    alpha_c = float(config.certify.alpha)
+  return alpha_sigma, alpha_c
+
+
+def _choose_sigma(run: _Run, part, mine, sigma_rows):
+  """This process's sigmas for its slice `mine` of the call `part`.
+
+  Returns:
+    (sigma [B], the selector's `dual.Selection` with sigma_method = selector,
+    else None).
+  """
   config, so = run.config, run.config.sigma_opt
   sigma0 = float(config.noise.sigma)
   method = config.certify.sigma_method
+  selection = None
   if method == "fixed":
-    return np.full(len(mine), sigma0)
+    return np.full(len(mine), sigma0), None
   if method == "file":
-    return _read_sigma_file(so.sigma_file, mine.example_ids)
-  if method == "grid":
+    return _read_sigma_file(so.sigma_file, mine.example_ids), None
+  if method == "selector":
+    cc, d = config.certify, config.dual
+    bundle, params = run.selector
+    selection = dual_lib.select(
+        bundle.apply_fn, params, mine.images, d.sigmas,
+        dual_lib.selector_sigma(config), run.key, d.n0 or cc.n0,
+        d.n or cc.n, _alphas(config)[0], batch_size=cc.batch_size,
+        example_ids=mine.example_ids, samples_per_block=cc.samples_per_block,
+        noise=config.noise.kind, mesh=run.mesh)
+    sigma = dual_lib.sigma_of(selection, d.sigmas,
+                              dual_lib.fallback_index(d.sigmas, sigma0))
+    nonfinite = np.zeros(len(mine), np.int64)
+  elif method == "grid":
     cc = config.certify
     choice = sigma_opt_lib.select_sigma_grid(
         run.bundle.apply_fn, run.params, mine.images, run.key,
@@ -274,20 +316,32 @@ def _choose_sigma(run: _Run, part, mine, sigma_rows) -> np.ndarray:
   if distributed.is_main():
     analysis.write_tsv(os.path.join(run.out_dir, SIGMA_TSV), sigma_rows,
                        float_format=None)
-  return sigma
+  return sigma, selection
 
 
-def _certify_call(run: _Run, mine, sigma) -> dict[str, np.ndarray]:
-  """Cohen's CERTIFY of this process's examples, gathered in global order."""
+def _certify_call(run: _Run, mine, sigma, selection
+                  ) -> dict[str, np.ndarray]:
+  """Cohen's CERTIFY of this process's examples, gathered in global order.
+
+  With the selector, also its columns; with dual soundness the issued
+  certificate is `dual.combine`'s (R = min(R_sigma, R_c)).
+  """
   cc, config = run.config.certify, run.config
   local = certify(
       run.bundle.apply_fn, run.params, mine.images, sigma, run.key, n0=cc.n0,
-      n=cc.n, alpha=cc.alpha, batch_size=cc.batch_size,
+      n=cc.n, alpha=_alphas(config)[1], batch_size=cc.batch_size,
       num_classes=config.model.num_classes, example_ids=mine.example_ids,
       samples_per_block=cc.samples_per_block, noise=config.noise.kind,
       mesh=run.mesh)
-  return {name: distributed.gather_rows(getattr(local, name))
-          for name in ("pred", "radius", "p_lower", "sigma")}
+  out = {name: getattr(local, name)
+         for name in ("pred", "radius", "p_lower", "sigma")}
+  if selection is not None:
+    out.update(sigma_index=selection.index, radius_sigma=selection.radius,
+               radius_c=local.radius)
+    if cc.soundness == "dual":
+      out["pred"], out["radius"] = dual_lib.combine(selection, local.pred,
+                                                    local.radius)
+  return {name: distributed.gather_rows(v) for name, v in out.items()}
 
 
 def _memory_rule(store, part, cert, pending):
@@ -340,7 +394,44 @@ def _sigma_cost(config) -> int:
   return sigma_opt_lib.selection_cost(
       config.certify.sigma_method, grid_size=len(config.sigma_grid.sigmas),
       pilot=config.sigma_grid.pilot, steps=config.sigma_opt.steps,
-      num_samples=config.sigma_opt.num_samples)
+      num_samples=config.sigma_opt.num_samples,
+      selector_draws=(config.dual.n0 or config.certify.n0) + (
+          config.dual.n or config.certify.n))
+
+
+def _radius_cap(config, max_sigma: float) -> float:
+  """The largest radius this config can certify (`stats.radius_cap`); with
+  dual soundness the smaller of the classifier's (at alpha_c) and the
+  selector's (s_e, its N, alpha_sigma)."""
+  cc, kind = config.certify, config.noise.kind
+  alpha_sigma, alpha_c = _alphas(config)
+  cap = float(stats.radius_cap(max_sigma, cc.n, alpha_c, kind))
+  if cc.soundness == "dual":
+    cap = min(cap, float(stats.radius_cap(
+        dual_lib.selector_sigma(config), config.dual.n or cc.n, alpha_sigma,
+        kind)))
+  return cap
+
+
+def _dual_summary(config, rows) -> dict[str, Any]:
+  """The selector's settings and what it did (sigma_method = selector)."""
+  if config.certify.sigma_method != "selector":
+    return {}
+  alpha_sigma, alpha_c = _alphas(config)
+  index = np.asarray(rows["sigma_index"], np.int64)
+  sigmas = [float(v) for v in config.dual.sigmas]
+  return {"dual": {
+      "sigmas": sigmas, "selector_sigma": dual_lib.selector_sigma(config),
+      "alpha_sigma": alpha_sigma, "alpha_c": alpha_c,
+      "selector_n0": config.dual.n0 or config.certify.n0,
+      "selector_n": config.dual.n or config.certify.n,
+      "selector_abstain_rate": float(np.mean(index < 0)) if index.size else 0.0,
+      "chosen": {f"{v:g}": int(np.sum(index == j))
+                 for j, v in enumerate(sigmas)},
+      # R is min(R_sigma, R_c): how often the selector's radius was smaller.
+      "radius_sigma_binding": int(np.sum(
+          (index >= 0) & (np.asarray(rows["radius_sigma"]) <
+                          np.asarray(rows["radius_c"]))))}}
 
 
 def _summarize(run: _Run, rows, wall, sigma_time, examples_this_run,
@@ -362,13 +453,13 @@ def _summarize(run: _Run, rows, wall, sigma_time, examples_this_run,
                       "mean_minus_sigma0": float(sig.mean() - sigma0)},
       "n0": cc.n0, "n": cc.n, "alpha": cc.alpha, "seed": config.seed,
       # No example can be certified beyond this radius at this N and alpha.
-      "radius_cap": float(stats.radius_cap(sig.max(), cc.n, cc.alpha,
-                                           config.noise.kind)),
+      "radius_cap": _radius_cap(config, sig.max()),
       # Cost of choosing sigma, in forward passes per example, beside
       # CERTIFY's n0 + n.
       "sigma_forward_passes": _sigma_cost(config),
       "certify_forward_passes": cc.n0 + cc.n,
       "noise_version": noise_lib.NOISE_VERSION,
+      **_dual_summary(config, rows),
       # Timing of this run's own work (a resumed run counts only the
       # examples it certified itself).
       "examples_this_run": examples_this_run,
@@ -421,7 +512,8 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
   run = _load(config, workdir, out_dir, params, bundle)
   ds, store = run.ds, run.store
   store_rows_at_start = len(store) if store is not None else 0
-  names = COLUMNS + (MEMORY_COLUMNS if cc.soundness == "memory" else ())
+  names = (COLUMNS + (MEMORY_COLUMNS if cc.soundness == "memory" else ())
+           + (SELECTOR_COLUMNS if cc.sigma_method == "selector" else ()))
   rows = {name: [] for name in names}
   sigma_rows = {name: [] for name in SIGMA_COLUMNS}
   state = _shared_resume_state(config, out_dir, ds, store, names)
@@ -447,9 +539,9 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
     # This process's slice of the call; results are gathered in global order.
     mine = part.take(np.arange(len(part))[distributed.split(len(part))])
     t0 = time.time()
-    sigma = _choose_sigma(run, part, mine, sigma_rows)
+    sigma, selection = _choose_sigma(run, part, mine, sigma_rows)
     sigma_time += time.time() - t0
-    cert = _certify_call(run, mine, sigma)
+    cert = _certify_call(run, mine, sigma, selection)
     if cc.soundness == "memory":
       mem = {"preds": np.zeros(len(part), np.int64),
              "radii": np.zeros(len(part), np.float64),
@@ -470,6 +562,9 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
     rows["time"] += [per_example] * len(part)
     rows["sigma"] += cert["sigma"].tolist()
     rows["p_lower"] += cert["p_lower"].tolist()
+    for name in SELECTOR_COLUMNS:
+      if name in rows:
+        rows[name] += cert[name].tolist()
     if main:  # shortest exact floats: read back, they are the issued values
       analysis.write_tsv(os.path.join(out_dir, TSV), rows, float_format=None)
     bar.update(lo + len(part))

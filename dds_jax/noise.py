@@ -45,6 +45,8 @@ class Purpose(enum.IntEnum):
   TRAIN_SIGMA = 8   # the sigma ascent inside a training step
   PROXY_EVAL = 9    # `sigma_opt.evaluate_proxy`'s fixed draws
   PILOT = 10        # pilot draws of a certificate-aware sigma search
+  SELECTOR_SELECT = 11    # dual RS: the smoothed sigma selector's n0 draws
+  SELECTOR_ESTIMATE = 12  # dual RS: the selector's n draws
 
 
 def id_words(example_ids) -> np.ndarray:

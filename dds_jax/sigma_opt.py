@@ -380,18 +380,22 @@ def evaluate_proxy(apply_fn, params, x, sigma, key: jax.Array, *,
 
 
 def selection_cost(method: str, *, grid_size: int = 0, pilot: int = 0,
-                   steps: int = 0, num_samples: int = 0) -> int:
+                   steps: int = 0, num_samples: int = 0,
+                   selector_draws: int = 0) -> int:
   """Forward passes per example spent on choosing sigma.
 
   grid: every candidate's pilot draws (grid_size * pilot); ascent: each
   step's forward-mode derivative costs about two forward passes of its
-  num_samples draws, plus the final proxy evaluation; any other method
-  (fixed, a sigma file): none.
+  num_samples draws, plus the final proxy evaluation; selector: the smoothed
+  selector's n0 + n draws (`dds_jax.dual`; passes of the selector network,
+  not of the classifier); any other method (fixed, a sigma file): none.
   """
   if method == "grid":
     return int(grid_size) * int(pilot)
   if method == "ascent":
     return (2 * int(steps) + 1) * int(num_samples)
+  if method == "selector":
+    return int(selector_draws)
   return 0
 
 

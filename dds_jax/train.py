@@ -49,9 +49,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dds_jax import analysis
 from dds_jax import checkpoint as ckpt_lib
 from dds_jax import data as data_lib
 from dds_jax import distributed
+from dds_jax import dual
 from dds_jax import models
 from dds_jax import noise as noise_lib
 from dds_jax import progress as progress_lib
@@ -335,12 +337,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     the last epoch's metrics.
   """
   common.validate(config)
+  selector = config.train.target == "selector"
+  if selector:  # dual RS's sigma selector: its own model, labels and noise
+    config = dual.selector_config(config)
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
 
   # --- Data, mesh, model and optimizer; resume from the latest checkpoint. --
   train_ds = data_lib.load_split(config, config.data.train_split)
-  test_ds = data_lib.load_split(config, config.data.test_split)
+  if selector:
+    train_ds = dual.relabel(train_ds, analysis.read_sigma_by_id(config.dual.targets),
+                            config.dual.sigmas, config.dual.targets)
+    # The test images have no target sigma: the per-epoch accuracy of the
+    # selector is measured on the first training images.
+    test_ds = train_ds
+  else:
+    test_ds = data_lib.load_split(config, config.data.test_split)
   data_lib.check_fits(config, train_ds)
   mesh = distributed.make_mesh(train_devices(config))
   ndev = mesh.shape[distributed.DATA_AXIS]
@@ -399,12 +411,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return {k: distributed.to_global(v, batch_sharding, n)
             for k, v in batch.items()}
 
+  # What a checkpoint or export is of: checked when it is restored.
+  meta = {"model": config.model.name, "method": tc.method,
+          "data": config.data.name, "image_shape": list(train_ds.image_shape),
+          "num_classes": int(config.model.num_classes), "target": tc.target}
+  if selector:
+    meta.update(sigmas=[float(v) for v in config.dual.sigmas],
+                selector_sigma=float(config.noise.sigma))
+
   def save(epoch, batch_idx):
     ckpt.save(step, variables, opt_state,
               {"step": step, "epoch": epoch, "batch": batch_idx,
-               "seed": config.seed, "model": config.model.name,
-               "method": tc.method, "data": config.data.name,
-               "num_train": len(train_ds)},
+               "seed": config.seed, "num_train": len(train_ds), **meta},
               sigma_table=table)
 
   # --- Training epochs, a checkpoint every ckpt.every_steps. ---------------
@@ -457,8 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt.close()
   if main:
     ckpt_lib.export_params(os.path.join(workdir, EXPORT_DIR), variables,
-                           {"model": config.model.name, "step": step,
-                            "method": tc.method, "data": config.data.name},
+                           {"step": step, **meta},
                            dtype=config.ckpt.export_dtype)
     if tc.ds.enabled:
       write_sigma_table(os.path.join(workdir, EXPORT_DIR, SIGMA_TABLE),

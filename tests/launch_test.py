@@ -392,3 +392,61 @@ def test_grid_settings_by_name():
   assert row == ("4 sigmas x 1000", (0.15, 0.2, 0.25, 0.3), 1000)
   with pytest.raises(errors.ConfigError, match="unknown grid setting"):
     experiment.grid_settings(["9 sigmas x 1"])
+
+
+def test_dual_selector_trains_and_certifies_end_to_end(trained, tmp_path):
+  """train.target=selector on the per-sample model's sigma table, then
+  launch.certify with dual soundness (and with the memory instead)."""
+  workdir, _ = trained
+  root = os.path.dirname(workdir)
+  sigmas = "--config.dual.sigmas=(0.2,0.25,0.255)"
+  sel = str(tmp_path / "selector")
+  res = launch("train", f"--config={DIGITS}", f"--workdir={sel}", sigmas,
+               "--config.train.target=selector",
+               f"--config.dual.targets={root}/train_ds/export/sigma_table.tsv")
+  assert res.returncode == 0, res.stderr[-3000:]
+  meta = json.load(open(os.path.join(sel, "export", "export.json")))
+  assert meta["target"] == "selector" and meta["num_classes"] == 3
+  assert meta["selector_sigma"] == 0.255 and meta["image_shape"] == [8, 8, 1]
+  flags = [f"--config={DIGITS}", sigmas, f"--config.dual.selector={sel}",
+           f"--config.certify.checkpoint={root}/train_ds/export",
+           "--config.certify.sigma_method=selector"]
+  res = launch("certify", *flags, "--config.certify.soundness=dual",
+               f"--workdir={tmp_path}/dual")
+  assert res.returncode == 0, res.stderr[-3000:]
+  cols = analysis.read_tsv(os.path.join(tmp_path, "dual", "certify.tsv"))
+  assert len(cols["idx"]) == 30
+  ok = cols["predict"] >= 0
+  np.testing.assert_array_equal(
+      cols["radius"][ok], np.minimum(cols["radius_sigma"], cols["radius_c"])[ok])
+  assert np.all(cols["predict"][cols["sigma_index"] < 0] == -1)
+  assert set(np.round(cols["sigma"], 6)) <= {0.2, 0.25, 0.255}
+  summary = json.load(open(os.path.join(tmp_path, "dual", "summary.json")))
+  assert summary["dual"]["alpha_sigma"] == pytest.approx(0.0005)
+  assert summary["dual"]["alpha_c"] == pytest.approx(0.0005)
+  assert sum(summary["dual"]["chosen"].values()) + round(
+      30 * summary["dual"]["selector_abstain_rate"]) == 30
+  assert summary["sigma_forward_passes"] == 50 + 300  # the selector's draws
+  # The same selector through the memory instead.
+  res = launch("certify", *flags, "--config.certify.soundness=memory",
+               "--config.certify.max=120", f"--workdir={tmp_path}/mem")
+  assert res.returncode == 0, res.stderr[-3000:]
+  mem = analysis.read_tsv(os.path.join(tmp_path, "mem", "certify.tsv"))
+  assert {"radius_mem", "sigma_index"} <= set(mem) and len(mem["idx"]) == 10
+  np.testing.assert_array_equal(mem["radius"], mem["radius_c"])
+  # Bad selectors: other sigmas, a classifier, other images.
+  res = launch("certify", *[f for f in flags if f != sigmas],
+               "--config.certify.soundness=dual",
+               "--config.dual.sigmas=(0.2,0.25)", f"--workdir={tmp_path}/x")
+  _assert_clean_failure(res, "chooses among sigmas")
+  res = launch("certify", f"--config={DIGITS}", sigmas,
+               f"--config.dual.selector={root}/train_ds",
+               f"--config.certify.checkpoint={root}/train_ds/export",
+               "--config.certify.sigma_method=selector",
+               "--config.certify.soundness=dual", f"--workdir={tmp_path}/y")
+  _assert_clean_failure(res, "not a sigma selector")
+  from dds_jax import dual
+  cfg = digits_config.get_config("small")
+  cfg.dual.sigmas, cfg.dual.selector = (0.2, 0.25, 0.255), sel
+  with pytest.raises(Exception, match="trained on images of shape"):
+    dual.load_selector(cfg, (16, 16, 1))

@@ -283,6 +283,37 @@ def test_the_other_sigma_method_on_two_processes_equals_one(trained,
     assert a.execute(query).fetchall() == b.execute(query).fetchall()
 
 
+def test_dual_soundness_on_two_processes_equals_one(trained, tmp_path):
+  """Dual randomized smoothing (a selector trained on the sigma table): 1
+  process vs 2 give the same certify.tsv; a run cut after 10 rows resumes on
+  two processes to the same file."""
+  one, _, _ = trained
+  selector = str(tmp_path / "selector")
+  launch("train", f"--config={DIGITS}", f"--workdir={selector}",
+         "--config.train.target=selector",
+         f"--config.dual.targets={one}/export/sigma_table.tsv")
+  flags = [f"--config={DIGITS}", "--config.certify.examples_per_call=7",
+           "--config.certify.sigma_method=selector",
+           "--config.certify.soundness=dual",
+           f"--config.dual.selector={selector}",
+           f"--config.certify.checkpoint={one}/export"]
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  launch("certify", *flags, f"--workdir={single}")
+  launch("certify", *flags, f"--workdir={multi}", num_processes=2)
+  full = analysis.read_tsv(os.path.join(single, "certify.tsv"))
+  assert len(full["idx"]) == 30 and {"sigma_index", "radius_sigma",
+                                     "radius_c"} <= set(full)
+  tsv = os.path.join(multi, "certify.tsv")
+  _same_except_time(full, analysis.read_tsv(tsv))
+  with open(tsv) as f:
+    lines = f.read().splitlines(keepends=True)
+  with open(tsv, "w") as f:
+    f.writelines(lines[:11])
+  res = launch("certify", *flags, f"--workdir={multi}", num_processes=2)
+  assert "resuming certification at example 10 of 30" in res[0][1]
+  _same_except_time(full, analysis.read_tsv(tsv))
+
+
 def test_a_process_with_no_examples_in_a_call(trained, tmp_path):
   """One example per call: process 0 gets none, process 1 the example."""
   one, _, _ = trained

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from dds_jax import dual as dual_lib
 from dds_jax import validate as validate_lib
 from dds_jax.errors import ConfigError
+from dds_jax.errors import InputError
 from dds_jax.models import MODEL_NAMES
 
 SCHEDULES = ("constant", "step", "cosine")
@@ -20,8 +22,10 @@ METHODS = ("gaussian", "smoothadv", "macer")
 
 # How a test set is certified: three independent choices (`certify.*`).
 PROCEDURES = ("cohen",)                    # Cohen's fixed-N CERTIFY
-SIGMA_METHODS = ("fixed", "ascent", "grid", "file")  # how sigma is chosen
-SOUNDNESS = ("none", "memory")             # how a data-dependent one is sound
+SIGMA_METHODS = ("fixed", "ascent", "grid", "file", "selector")  # how sigma
+                                                  # is chosen
+SOUNDNESS = ("none", "memory", "dual")     # how a data-dependent one is sound
+TARGETS = ("label", "selector")            # what a model is trained to predict
 
 # Keys that were replaced: old configs fail with a message naming the new key.
 RENAMED_KEYS = {
@@ -72,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.num_noise = 1           # noisy copies per example (MACER's k, m_train)
   c.train.dtype = "float32"       # float32 | bfloat16 (compute; params float32)
+  c.train.target = "label"        # label | selector: dual RS's sigma selector
+                                  # (dual.*: targets, sigmas, its noise)
   c.train.smoothadv = ml_collections.ConfigDict()
   c.train.smoothadv.eps = 0.25    # DDRS: 2 steps, eps 0.25, 1 warm-up epoch
   c.train.smoothadv.steps = 2
@@ -106,8 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.procedure = "cohen"   # cohen: Cohen's CERTIFY, n0 + n draws
   c.certify.sigma_method = "fixed"  # fixed (noise.sigma) | ascent (sigma_opt.*)
                                     # | grid (sigma_grid.*) | file
-                                    # (sigma_opt.sigma_file)
-  c.certify.soundness = "none"    # none | memory (memory.*): makes a
+                                    # (sigma_opt.sigma_file) | selector (the
+                                    # smoothed selector of dual.*)
+  c.certify.soundness = "none"    # none | memory (memory.*) | dual (with
+                                  # sigma_method selector): makes a
                                   # data-dependent sigma's certificates sound
   c.certify.check_full_invariant = False  # memory: re-check every stored
                                           # pair at the end (O(k^2))
@@ -131,6 +139,19 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.memory = ml_collections.ConfigDict()  # certify.soundness = memory
   c.memory.path = ""              # "" = <results dir>/memory.sqlite
+
+  # Dual randomized smoothing (dds_jax.dual): certify.sigma_method = selector,
+  # certify.soundness = dual; train.target = selector trains the selector.
+  c.dual = ml_collections.ConfigDict()
+  c.dual.sigmas = (0.15, 0.2, 0.25, 0.3)  # S: the selector's classes
+  c.dual.selector_sigma = 0.0     # s_e, its smoothing noise; 0 = max(S)
+  c.dual.selector = ""            # the selector's training workdir or export
+  c.dual.selector_model = ""      # "" = model.name (its widths too)
+  c.dual.targets = ""             # training: TSV (idx, sigma) of each image
+  c.dual.alpha_sigma_fraction = 0.5  # alpha_sigma = this * certify.alpha;
+                                     # the classifier gets the rest
+  c.dual.n0 = 0                   # the selector's draws; 0 = certify.n0 ...
+  c.dual.n = 0                    # ... and certify.n
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0          # certification and sigma: 0 = all devices
@@ -267,6 +288,26 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        "sound as they are")
   need(c.sigma_method != "file" or bool(config.sigma_opt.sigma_file),
        "certify.sigma_method='file' needs sigma_opt.sigma_file")
+  need(c.soundness != "dual" or c.sigma_method == "selector",
+       "certify.soundness='dual' needs certify.sigma_method='selector': the "
+       "dual certificate is the selector's radius with the classifier's")
+  need(c.sigma_method != "selector" or bool(config.dual.selector),
+       "certify.sigma_method='selector' needs dual.selector: the selector's "
+       "training workdir or export (train it with train.target=selector)")
+  need(config.train.target in TARGETS, f"train.target="
+       f"{config.train.target!r}; expected one of {TARGETS}")
+  d = config.dual
+  try:
+    dual_lib.check_sigmas(d.sigmas)
+  except InputError as e:
+    raise ConfigError(str(e)) from None
+  need(0 < d.alpha_sigma_fraction < 1, f"dual.alpha_sigma_fraction="
+       f"{d.alpha_sigma_fraction} must be in (0, 1)")
+  need(d.selector_sigma >= 0 and d.n0 >= 0 and d.n >= 0,
+       "dual.selector_sigma, dual.n0 and dual.n must be >= 0 (0: default)")
+  need(not d.selector_model or d.selector_model in MODEL_NAMES,
+       f"dual.selector_model={d.selector_model!r}; expected one of "
+       f"{MODEL_NAMES}")
   need(c.examples_per_call >= 1, "certify.examples_per_call must be >= 1")
   need(config.mesh.num_devices >= 0 and config.mesh.train_devices >= 0,
        "mesh.num_devices and mesh.train_devices must be >= 0")
