@@ -737,6 +737,17 @@ def certify_notes(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
           f"{s['sigma_forward_passes'] / s['certify_forward_passes']:.2f}x "
           f"CERTIFY's n0 + N = {s['certify_forward_passes']}.")
   for name, s in summaries.items():
+    d = s.get('dual')
+    if d is not None and s.get('soundness') == 'dual':
+      chosen = ', '.join(f'{k}: {v}' for k, v in d['chosen'].items())
+      lines.append(
+          f"{name}: dual certificate at alpha_sigma {d['alpha_sigma']:g} + "
+          f"alpha_c {d['alpha_c']:g}; selector smoothed at s_e = "
+          f"{d['selector_sigma']:g} with {d['selector_n0']} + "
+          f"{d['selector_n']} draws, abstained on "
+          f"{d['selector_abstain_rate']:.1%}; sigma chosen ({chosen}); "
+          f"R_sigma < R_c on {d['radius_sigma_binding']} images.")
+  for name, s in summaries.items():
     m = s.get('memory')
     if m is not None and 'num_stored' in m:
       lines.append(f"{name} + memory: {m['num_stored']} stored certificates, "

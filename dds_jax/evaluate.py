@@ -526,6 +526,16 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
     if main:
       print(f"resuming certification at example {done} of {len(ds)} "
             f"({os.path.join(out_dir, TSV)})", flush=True)
+  # A finished run of this config: its summary (and timing) stand as they are.
+  finished = np.array([done == len(ds) and main and os.path.exists(
+      os.path.join(out_dir, SUMMARY))])
+  if bool(distributed.broadcast(finished)[0]):
+    if store is not None:
+      store.close()
+    if not main:
+      return {}
+    with open(os.path.join(out_dir, SUMMARY)) as f:
+      return json.load(f)
   pending = state["pending_memory"]  # committed before a crash, by id
   bar = progress_lib.Progress(len(ds), "certify", unit="examples",
                               enabled=main)

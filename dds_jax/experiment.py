@@ -33,6 +33,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -40,7 +41,10 @@ from dds_jax import analysis
 from dds_jax import checkpoint as ckpt_lib
 from dds_jax import data as data_lib
 from dds_jax import distributed
+from dds_jax import dual as dual_lib
 from dds_jax import evaluate
+from dds_jax import progress as progress_lib
+from dds_jax import sigma_opt
 from dds_jax import train
 from dds_jax.errors import ConfigError
 
@@ -62,6 +66,8 @@ class Condition:
       a data-dependent one runs with `certify.soundness = 'memory'`.
     overrides: config values of this run only, by dotted key (e.g.
       {"sigma_grid.pilot": 500}).
+    soundness: `certify.soundness` ('' = 'memory' for a data-dependent
+      sigma, 'none' for a fixed one; 'dual' with the selector).
   """
 
   name: str
@@ -69,13 +75,21 @@ class Condition:
   out_dir: str
   sigma_method: str
   overrides: tuple[tuple[str, Any], ...] = ()
+  soundness: str = ""
+
+  @property
+  def sound_by(self) -> str:
+    """certify.soundness of the run: as given, else 'memory' for a
+    data-dependent sigma and 'none' for a fixed one."""
+    return self.soundness or ("none" if self.sigma_method == "fixed"
+                              else "memory")
 
 
 def _condition_config(config, cond: Condition) -> ml_collections.ConfigDict:
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     cfg.certify.sigma_method = cond.sigma_method
-    cfg.certify.soundness = "none" if cond.sigma_method == "fixed" else "memory"
+    cfg.certify.soundness = cond.sound_by
     for key, value in cond.overrides:
       group, name = key.rsplit(".", 1)
       node = cfg
@@ -121,7 +135,7 @@ def compare(config: ml_collections.ConfigDict, conditions: list[Condition],
         os.path.join(cond.out_dir, evaluate.TSV))
     keys[cond.name] = ("radius", "predict")
     caps[cond.name] = summaries[cond.name]["radius_cap"]
-  with_memory = [c.name for c in conditions if c.sigma_method != "fixed"
+  with_memory = [c.name for c in conditions if c.sound_by == "memory"
                  and memory_rows != "none"]
   if memory_rows == "best" and with_memory:
     with_memory = [max(with_memory, key=lambda n: summaries[n]["acr"])]
@@ -196,6 +210,25 @@ def read_sigma_table(model_dir: str) -> np.ndarray:
                     np.float64)
 
 
+def train_both(config: ml_collections.ConfigDict, workdir: str
+               ) -> dict[str, str]:
+  """Trains (or finds trained) the fixed- and the per-sample-sigma model.
+
+  Same seed and schedule; `train.ds.enabled` cleared for the first and set
+  for the second. Returns {"fixed": <workdir>/train_fixed, "ds":
+  <workdir>/train_ds}.
+  """
+  models = {}
+  for kind, enabled in (("fixed", False), ("ds", True)):
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+      cfg.train.ds.enabled = enabled
+      cfg.train.target = "label"
+    models[kind] = os.path.join(workdir, f"train_{kind}")
+    train.train_and_evaluate(cfg, models[kind])
+  return models
+
+
 def paper_comparison(config: ml_collections.ConfigDict,
                      workdir: str) -> tuple[dict[str, Any], str]:
   """Trains a fixed- and a per-sample-sigma model, certifies, compares.
@@ -207,13 +240,7 @@ def paper_comparison(config: ml_collections.ConfigDict,
   """
   method = config.certify.sigma_method
   method = "ascent" if method == "fixed" else method
-  models = {}
-  for kind, enabled in (("fixed", False), ("ds", True)):
-    cfg = copy.deepcopy(config)
-    with cfg.unlocked():
-      cfg.train.ds.enabled = enabled
-    models[kind] = os.path.join(workdir, f"train_{kind}")
-    train.train_and_evaluate(cfg, models[kind])
+  models = train_both(config, workdir)
   conditions = [
       Condition("fixed train, fixed sigma", models["fixed"],
                 os.path.join(workdir, "fixed_fixed"), "fixed"),
@@ -232,6 +259,141 @@ def paper_comparison(config: ml_collections.ConfigDict,
                              "min": float(table.min()),
                              "max": float(table.max())}
   return result, text
+
+
+def grid_sigma_targets(config: ml_collections.ConfigDict, model_dir: str,
+                       path: str, chunk: int = 200) -> str:
+  """The grid method's sigma for every training image: a selector's targets.
+
+  Runs `sigma_opt.select_sigma_grid` (`sigma_grid.*`, the certification's N
+  and alpha) with the model of `model_dir` over `data.train_split` and
+  writes `path` (TSV idx, sigma), `chunk` images at a time; an interrupted
+  run continues after the last row written. No label is used.
+
+  Returns:
+    path.
+  """
+  ds = data_lib.load_split(config, config.data.train_split)
+  cc, sg = config.certify, config.sigma_grid
+  done = {"idx": [], "sigma": []}
+  if os.path.exists(path):
+    old = analysis.read_tsv(path, required=("idx", "sigma"))
+    k = len(old["idx"])
+    if not np.array_equal(old["idx"], ds.example_ids[:k]):
+      raise ConfigError(f"{path} does not hold the first {k} training "
+                        "images of this config; move it away to start over")
+    done = {"idx": old["idx"].tolist(), "sigma": old["sigma"].tolist()}
+  start = len(done["idx"])
+  if start == len(ds):
+    return path
+  mesh = distributed.make_mesh(config.mesh.num_devices or None)
+  bundle, params = ckpt_lib.restore_params(config, model_dir, ds.image_shape,
+                                           mesh)
+  params = distributed.replicate(params, mesh)
+  key = jax.random.key(config.seed)
+  bar = progress_lib.Progress(len(ds), "grid sigma of training images",
+                              unit="images", enabled=distributed.is_main())
+  bar.resume_from(start)
+  for lo in range(start, len(ds), chunk):
+    part = ds.take(np.arange(lo, min(lo + chunk, len(ds))))
+    mine = part.take(np.arange(len(part))[distributed.split(len(part))])
+    choice = sigma_opt.select_sigma_grid(
+        bundle.apply_fn, params, mine.images, key, grid=tuple(sg.sigmas),
+        pilot=sg.pilot, n=cc.n, alpha=cc.alpha, sigma0=config.noise.sigma,
+        noise=config.noise.kind, example_ids=mine.example_ids,
+        batch_size=cc.batch_size, samples_per_block=cc.samples_per_block,
+        mesh=mesh)
+    done["idx"] += part.example_ids.tolist()
+    done["sigma"] += distributed.gather_rows(choice.sigma).tolist()
+    if distributed.is_main():
+      analysis.write_tsv(path, done, float_format=None)
+    bar.update(lo + len(part))
+  distributed.barrier("grid_sigma_targets done")
+  return path
+
+
+DUAL_PROMISES = (
+    "",
+    "What each certificate promises. Fixed sigma: each certificate holds with "
+    "probability >= 1 - alpha. Data-dependent sigma + memory: the answers "
+    "depend on the order of the queries, and all k certificates issued so "
+    "far hold together with probability >= 1 - k * alpha (every server must "
+    "share the store). Dual: each certificate holds with probability >= 1 - "
+    "(alpha_sigma + alpha_c) = 1 - alpha, whatever was asked before; no "
+    "state. Rows without '+ memory' or 'dual' use a data-dependent sigma "
+    "without either and are not sound certificates; they are shown for "
+    "reference.",
+)
+
+
+def dual_comparison(config: ml_collections.ConfigDict, workdir: str,
+                    model: str = "ds") -> tuple[dict[str, Any], str]:
+  """Fixed sigma, data-dependent sigma + memory, and dual RS, on one model.
+
+  The models are the main job's (`train_both`, in workdir). Into
+  `<workdir>/dual_<model>/`:
+
+    1. the selectors' targets: the per-sample sigma table of the
+       per-sample-trained model (`table`), and the grid method's sigma of
+       every training image with this model (`grid`,
+       `grid_sigma_targets`);
+    2. one selector per target (`train.target = 'selector'`, `dual.*`);
+    3. certifications of the same test images at the same alpha: fixed
+       sigma (the baseline) and the grid with the memory (the main job's
+       directories, reused when they are complete), the table selector with
+       the memory, and each selector with dual soundness;
+    4. comparison.md / .json with the paired tests.
+
+  Args:
+    model: 'ds' (the per-sample-trained model) or 'fixed'.
+  """
+  if model not in ("ds", "fixed"):
+    raise ConfigError(f"model must be 'ds' or 'fixed', not {model!r}")
+  models = train_both(config, workdir)
+  out = os.path.join(workdir, f"dual_{model}")
+  os.makedirs(out, exist_ok=True)
+  targets = {
+      "table": os.path.join(models["ds"], train.EXPORT_DIR, train.SIGMA_TABLE),
+      "grid": grid_sigma_targets(config, models[model],
+                                 os.path.join(out, "grid_targets.tsv"))}
+  selectors = {}
+  for name, path in targets.items():
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+      cfg.train.target = "selector"
+      cfg.train.ds.enabled = False
+      cfg.dual.targets = path
+    selectors[name] = os.path.join(out, f"selector_{name}")
+    train.train_and_evaluate(cfg, selectors[name])
+  prefix = "per-sample train" if model == "ds" else "fixed train"
+  sel = lambda name: (("dual.selector", selectors[name]),)
+  conditions = [
+      Condition(f"{prefix}, fixed sigma", models[model],
+                os.path.join(workdir, f"{model}_fixed"), "fixed"),
+      Condition(f"{prefix}, grid sigma", models[model],
+                os.path.join(workdir, f"{model}_grid"), "grid"),
+      Condition(f"{prefix}, selector (table targets)", models[model],
+                os.path.join(out, "selector_table_memory"), "selector",
+                sel("table"), "memory"),
+      Condition(f"{prefix}, dual (table targets)", models[model],
+                os.path.join(out, "dual_table"), "selector", sel("table"),
+                "dual"),
+      Condition(f"{prefix}, dual (grid targets)", models[model],
+                os.path.join(out, "dual_grid"), "selector", sel("grid"),
+                "dual"),
+  ]
+  main = distributed.is_main()
+  notes = DUAL_PROMISES
+  if main:
+    notes += ("", "Selector targets (element of dual.sigmas nearest each "
+              "training image's sigma, in log sigma):")
+    for name, path in targets.items():
+      sig = np.asarray(list(analysis.read_sigma_by_id(path).values()))
+      idx = dual_lib.targets_from_sigmas(sig, config.dual.sigmas)
+      counts = ", ".join(f"{v:g}: {int(np.sum(idx == j))}"
+                         for j, v in enumerate(config.dual.sigmas))
+      notes += (f"  {name}: {counts} ({sig.size} images)",)
+  return compare(config, conditions, out, notes=notes)
 
 
 # Settings of the grid method compared by `tune_sigma_grid`: (name, grid,

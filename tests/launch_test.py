@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -450,3 +451,46 @@ def test_dual_selector_trains_and_certifies_end_to_end(trained, tmp_path):
   cfg.dual.sigmas, cfg.dual.selector = (0.2, 0.25, 0.255), sel
   with pytest.raises(Exception, match="trained on images of shape"):
     dual.load_selector(cfg, (16, 16, 1))
+
+
+def test_a_finished_certification_is_not_rerun(trained, tmp_path):
+  workdir, _ = trained
+  flags = [f"--config={DIGITS}", f"--workdir={tmp_path}/f",
+           f"--config.certify.checkpoint={workdir}/export",
+           "--config.certify.max=24"]
+  res = launch("certify", *flags)
+  assert res.returncode == 0, res.stderr[-3000:]
+  summary = open(os.path.join(tmp_path, "f", "summary.json")).read()
+  res = launch("certify", *flags)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "resuming certification at example 2 of 2" in res.stdout
+  # Its summary (with this run's timing) stands as it was written.
+  assert open(os.path.join(tmp_path, "f", "summary.json")).read() == summary
+
+
+def test_dual_comparison_beside_the_main_job(trained, tmp_path):
+  """launch.dual on the main job's models: two selectors, five rows."""
+  workdir, _ = trained
+  root = os.path.dirname(workdir)
+  for sub in ("train_fixed", "train_ds"):
+    shutil.copytree(os.path.join(root, sub), tmp_path / sub)
+  res = launch("dual", f"--config={DIGITS}", f"--workdir={tmp_path}",
+               "--config.sigma_grid.pilot=50")
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = tmp_path / "dual_ds"
+  comp = json.load(open(out / "comparison.json"))
+  assert comp["baseline"] == "per-sample train, fixed sigma"
+  for row in ("per-sample train, grid sigma + memory",
+              "per-sample train, selector (table targets) + memory",
+              "per-sample train, dual (table targets)",
+              "per-sample train, dual (grid targets)"):
+    assert row in comp["paired"], row
+  assert comp["summaries"]["per-sample train, dual (grid targets)"][
+      "soundness"] == "dual"
+  targets = analysis.read_tsv(out / "grid_targets.tsv",
+                              required=("idx", "sigma"))
+  assert len(targets["idx"]) == 1437
+  for name in ("table", "grid"):
+    assert json.load(open(out / f"selector_{name}" / "export" /
+                          "export.json"))["target"] == "selector"
+  assert "What each certificate promises" in res.stdout
