@@ -189,6 +189,18 @@ def test_training_on_two_processes_equals_one(trained):
     assert f.read() == params_one
 
 
+def _cut_after_10_rows_and_resume(flags, multi, full):
+  """Cuts multi's certify.tsv to 10 rows (a crash), resumes on 2 processes."""
+  tsv = os.path.join(multi, "certify.tsv")
+  with open(tsv) as f:
+    lines = f.read().splitlines(keepends=True)
+  with open(tsv, "w") as f:
+    f.writelines(lines[:11])
+  res = launch("certify", *flags, f"--workdir={multi}", num_processes=2)
+  assert "resuming certification at example 10 of 30" in res[0][1]
+  _same_except_time(full, analysis.read_tsv(tsv))
+
+
 def test_certification_on_two_processes_equals_one(trained, tmp_path):
   """Data-dependent sigma, memory and Monte Carlo certification, split 3/4 per
   call of 7 examples, against one process on one device; then a crash after
@@ -222,14 +234,7 @@ def test_certification_on_two_processes_equals_one(trained, tmp_path):
 
   # A crash after 10 rows: the TSV holds 10 rows, the store all 30 (the
   # memory committed before the TSV was written). Two processes resume.
-  tsv = os.path.join(multi, "certify.tsv")
-  with open(tsv) as f:
-    lines = f.read().splitlines(keepends=True)
-  with open(tsv, "w") as f:
-    f.writelines(lines[:11])
-  res = launch("certify", *flags, f"--workdir={multi}", num_processes=2)
-  assert "resuming certification at example 10 of 30" in res[0][1]
-  _same_except_time(full, analysis.read_tsv(tsv))
+  _cut_after_10_rows_and_resume(flags, multi, full)
   assert stored(single) == stored(multi)  # nothing inserted twice
 
   # Both processes SIGKILLed mid-run (after the first call of 7 rows), then
@@ -303,15 +308,9 @@ def test_dual_soundness_on_two_processes_equals_one(trained, tmp_path):
   full = analysis.read_tsv(os.path.join(single, "certify.tsv"))
   assert len(full["idx"]) == 30 and {"sigma_index", "radius_sigma",
                                      "radius_c"} <= set(full)
-  tsv = os.path.join(multi, "certify.tsv")
-  _same_except_time(full, analysis.read_tsv(tsv))
-  with open(tsv) as f:
-    lines = f.read().splitlines(keepends=True)
-  with open(tsv, "w") as f:
-    f.writelines(lines[:11])
-  res = launch("certify", *flags, f"--workdir={multi}", num_processes=2)
-  assert "resuming certification at example 10 of 30" in res[0][1]
-  _same_except_time(full, analysis.read_tsv(tsv))
+  _same_except_time(full, analysis.read_tsv(os.path.join(multi,
+                                                          "certify.tsv")))
+  _cut_after_10_rows_and_resume(flags, multi, full)
 
 
 def test_a_process_with_no_examples_in_a_call(trained, tmp_path):
