@@ -13,6 +13,12 @@
 #                           500 test images, N0 = 100, N = 10,000, alpha 0.001,
 #                           data-dependent sigma through the memory; files in
 #                           results/cifar10-cpu/<MODEL>_<SIGMA>/
+#   train_selector          dual RS's sigma selector (docs/dual.md), trained on
+#                           the per-sample model's sigma table (the small CNN
+#                           over dual.sigmas, noise s_e); its export goes to
+#                           results/cifar10-cpu/models/selector/
+#   certify_<MODEL>_dual    MODEL = fixed | ds, certified with the selector and
+#                           dual soundness (no memory): <MODEL>_dual/
 #   tune_grid_<MODEL>       the grid settings (dds_jax.experiment.GRID_SETTINGS)
 #                           on 100 held-out training images (data.holdout;
 #                           never the test set): results/cifar10-cpu/tune_<MODEL>
@@ -44,6 +50,19 @@ case $step in
     m=${step#train_}; extra=""; [ "$m" = ds ] && extra=",ds"
     "$PY" -m launch.train --config="$cfg$extra" --workdir="$runs/$m" "$@"
     save_model "$runs/$m" "$m" ;;
+  train_selector)
+    "$PY" -m launch.train --config="$cfg" --workdir="$runs/selector" \
+      --config.train.target=selector \
+      --config.dual.targets="$res/models/ds/sigma_table.tsv" "$@"
+    save_model "$runs/selector" selector ;;
+  certify_*_dual)
+    cond=${step#certify_}; m=${cond%_*}
+    "$PY" -m launch.certify --config="$cfg" --workdir="$res/$cond" \
+      --config.certify.checkpoint="$res/models/$m" \
+      --config.certify.sigma_method=selector \
+      --config.certify.soundness=dual \
+      --config.dual.selector="$res/models/selector" "$@"
+    scrub "$res/$cond" ;;
   certify_*)
     cond=${step#certify_}; m=${cond%_*}; sigma=${cond#*_}
     soundness=memory; [ "$sigma" = fixed ] && soundness=none
