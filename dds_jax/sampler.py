@@ -145,6 +145,7 @@ def sample_counts(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
                   noise: str = "gaussian",
                   mesh: Optional[jax.sharding.Mesh] = None,
                   progress: Optional[Callable[[int, int], None]] = None,
+                  start_block: int = 0,
                   ) -> np.ndarray:
   """Counts of argmax f(x_b + e) over `num_samples` draws of noise, per example.
 
@@ -171,6 +172,10 @@ def sample_counts(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
     noise: 'gaussian' (L2) or 'uniform' (L1).
     mesh: a mesh with a `data` axis (default: all devices).
     progress: called as progress(samples_done, samples_total).
+    start_block: the stream's first block (default 0): draws blocks
+      start_block, start_block + 1, ...; a later call with start_block past
+      an earlier call's last block shares no noise with it (sequential
+      certification samples in rounds this way).
 
   Multi-host (`dds_jax.distributed`): every process calls this with its own
   examples (any number, also none); the blocks of all processes fill the
@@ -180,7 +185,8 @@ def sample_counts(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
     int64 counts [B, K]; each row sums to num_samples.
   """
   return sample_streams(apply_fn, params, x, sigma, key,
-                        ((purpose, num_samples),), num_classes, batch_size,
+                        ((purpose, num_samples, start_block),), num_classes,
+                        batch_size,
                         example_ids=example_ids,
                         samples_per_block=samples_per_block, noise=noise,
                         mesh=mesh, progress=progress)[0]
@@ -204,7 +210,8 @@ def sample_streams(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
   not on what shares its batch).
 
   Args:
-    streams: ((purpose, num_samples), ...).
+    streams: ((purpose, num_samples), ...) or ((purpose, num_samples,
+      start_block), ...) (see `sample_counts`).
     Others: see `sample_counts`.
 
   Returns:
@@ -214,8 +221,7 @@ def sample_streams(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
   x = validate.check_images(x, allow_empty=multi)
   b = x.shape[0]
   sigma = validate.check_sigma(sigma, b)
-  streams = tuple((int(p), validate.check_count(m, "num_samples"))
-                  for p, m in streams)
+  streams = tuple(_check_stream(st) for st in streams)
   if not streams:
     raise InputError("streams is empty")
   samples_per_block = validate.check_count(samples_per_block,
@@ -230,6 +236,18 @@ def sample_streams(apply_fn: ApplyFn, params, x, sigma, key: jax.Array,
   return _sample_streams(apply_fn, params, x, sigma, key, streams, inferred,
                          batch_size, example_ids, samples_per_block, noise,
                          mesh or make_mesh(), progress)
+
+
+def _check_stream(stream) -> tuple[int, int, int]:
+  """(purpose, num_samples, start_block) of one stream."""
+  if len(stream) not in (2, 3):
+    raise InputError(f"a stream is (purpose, num_samples[, start_block]); "
+                     f"got {stream!r}")
+  purpose, num_samples, start = (tuple(stream) + (0,))[:3]
+  if isinstance(start, bool) or int(start) != start or start < 0:
+    raise InputError(f"start_block must be an integer >= 0; got {start!r}")
+  return (int(purpose), validate.check_count(num_samples, "num_samples"),
+          int(start))
 
 
 def blocks_per_step(batch_size, samples_per_block: int) -> int:
@@ -257,13 +275,13 @@ def check_example_ids(example_ids, x: np.ndarray) -> np.ndarray:
 def _work_items(b: int, streams, s: int) -> dict[str, np.ndarray]:
   """Blocks to sample, example-major: example, stream, purpose, block, valid."""
   cols = {n: [] for n in ("example", "stream", "purpose", "block", "valid")}
-  for j, (purpose, num_samples) in enumerate(streams):
+  for j, (purpose, num_samples, start) in enumerate(streams):
     nblocks = math.ceil(num_samples / s)
     block = np.tile(np.arange(nblocks), b)
     cols["example"].append(np.repeat(np.arange(b), nblocks))
     cols["stream"].append(np.full(b * nblocks, j))
     cols["purpose"].append(np.full(b * nblocks, purpose))
-    cols["block"].append(block)
+    cols["block"].append(block + start)
     cols["valid"].append(np.minimum(s, num_samples - block * s))
   cols = {n: np.concatenate(v).astype(np.int64) for n, v in cols.items()}
   order = np.lexsort((cols["block"], cols["stream"], cols["example"]))
@@ -314,7 +332,7 @@ def _sample_streams(apply_fn, params, x, sigma, key, streams, num_classes,
     sigma, words = np.ones(1, np.float32), np.zeros((1, 2), np.uint32)
 
   done = np.cumsum(items["valid"])
-  grand_total = b * sum(m for _, m in streams)
+  grand_total = b * sum(st[1] for st in streams)
   counts = [np.zeros((b, num_classes), np.int64) for _ in streams]
   pending = collections.deque()
 

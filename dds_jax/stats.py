@@ -212,6 +212,132 @@ def radius_from_p_lower(p_lower, sigma, noise: str = "gaussian") -> np.ndarray:
   return np.where(p_lower >= 0.5, r, 0.0)
 
 
+def p_threshold(radius, sigma, noise: str = "gaussian") -> np.ndarray:
+  """The p_A above which a radius is certified: `radius_from_p_lower`'s
+  inverse, Phi(r / sigma) (gaussian) or 1/2 + r / (2 sigma) (uniform)."""
+  radius = np.asarray(radius, np.float64)
+  sigma = np.asarray(sigma, np.float64)
+  if noise == "gaussian":
+    return sps.norm.cdf(radius / sigma)
+  if noise == "uniform":
+    return np.minimum(0.5 + radius / (2.0 * sigma), 1.0)
+  raise ValueError(f"unknown noise {noise!r}")
+
+
+# ---------------------------------------------------------------------------
+# The randomized Clopper-Pearson bound and anytime-valid confidence
+# sequences (Voracek et al., NeurIPS 2024, "Treatment of Statistical
+# Estimation Problems in Randomized Smoothing").
+# ---------------------------------------------------------------------------
+
+
+def randomized_lower_bound(n_a, n, alpha: float, w) -> np.ndarray:
+  """The randomized Clopper-Pearson lower bound of n_a / n.
+
+  inf{p : P[Bin(n, p) > n_a] + w P[Bin(n, p) = n_a] > alpha}, with w ~ U(0,
+  1) drawn independently of the hits. Its coverage is exactly 1 - alpha for
+  every p (the randomized test is exact), and it is never below the plain
+  bound `lower_confidence_bound` (w = 1 gives the plain bound). Where n_a = n
+  and w <= alpha the set is empty (the bound would be 1, an infinite
+  radius): there it takes the plain bound's value alpha^(1/n) instead, a
+  smaller lower bound, so the guarantee holds.
+
+  Args:
+    n_a, n: hits and draws (arrays, broadcast).
+    alpha: one-sided failure probability in (0, 1).
+    w: uniform draws in [0, 1), one per bound.
+
+  Returns:
+    float64 array.
+  """
+  n_a, n, w = np.broadcast_arrays(np.asarray(n_a, np.float64),
+                                  np.asarray(n, np.float64),
+                                  np.asarray(w, np.float64))
+  plain = _clopper_pearson_bound(n_a, n, alpha)
+  # The tail is increasing in p: bisect on [plain, upper end of support].
+  def tail(p):
+    return (sps.binom.sf(n_a, n, p) + w * sps.binom.pmf(n_a, n, p))
+  lo, hi = plain.copy(), np.ones_like(plain)
+  # Where even p -> 1 leaves the tail <= alpha (n_a = n, w <= alpha), fall
+  # back to the plain bound.
+  empty = tail(np.nextafter(1.0, 0.0)) <= alpha
+  for _ in range(60):
+    mid = 0.5 * (lo + hi)
+    above = tail(mid) > alpha
+    hi = np.where(above, mid, hi)
+    lo = np.where(above, lo, mid)
+  return np.where(empty, plain, lo)
+
+
+def betting_log_wealth(hits, draws, p) -> np.ndarray:
+  """log of the betting confidence sequence's wealth against p.
+
+  The bettor's wealth after `hits` hits in `draws` draws, betting with the
+  Krichevsky-Trofimov forecast q_t = (H_{t-1} + 1/2) / t, is the Beta(1/2,
+  1/2) mixture B(H + 1/2, T - H + 1/2) / B(1/2, 1/2) / (p^H (1 - p)^(T - H)):
+  it depends on the draws only through (H, T). By Ville's inequality the set
+  {p : wealth(p) < 1 / alpha} covers the true p at every T at once with
+  probability >= 1 - alpha.
+  """
+  h, t, p = np.broadcast_arrays(np.asarray(hits, np.float64),
+                                np.asarray(draws, np.float64),
+                                np.asarray(p, np.float64))
+  mixture = (special.betaln(h + 0.5, t - h + 0.5) - special.betaln(0.5, 0.5))
+  return mixture - special.xlogy(h, p) - special.xlog1py(t - h, -p)
+
+
+SEQUENCES = ("betting", "union")
+CERTIFIED, NOT_CERTIFIED, UNDECIDED = 1, -1, 0
+
+
+def union_bound_alpha(k, alpha: float) -> np.ndarray:
+  """alpha_k = alpha / (k (k + 1)) of the k-th checkpoint (k >= 1); they sum
+  to alpha."""
+  k = np.asarray(k, np.float64)
+  return alpha / (k * (k + 1.0))
+
+
+def sequence_decision(kind: str, hits, draws, threshold, alpha: float,
+                      checkpoint=None) -> np.ndarray:
+  """Is p_A above the threshold, below it, or not known yet?
+
+  Args:
+    kind: 'betting' (the betting confidence sequence, any T) or 'union'
+      (Clopper-Pearson at checkpoint k, level alpha_k = alpha / (k (k + 1)):
+      certified if the lower bound exceeds the threshold, not certified if
+      the upper bound is below it).
+    hits, draws: the estimation draws so far.
+    threshold: p_threshold(r, sigma).
+    alpha: the sequence's failure probability: a decision is wrong with
+      probability <= alpha whenever it is taken.
+    checkpoint: k >= 1 for 'union' (draws = T_0 2^(k - 1) or max_samples).
+
+  Returns:
+    int array: CERTIFIED (1), NOT_CERTIFIED (-1) or UNDECIDED (0).
+  """
+  h, t, th = np.broadcast_arrays(np.asarray(hits, np.float64),
+                                 np.asarray(draws, np.float64),
+                                 np.asarray(threshold, np.float64))
+  if kind == "betting":
+    # p outside the set iff wealth(p) >= 1/alpha. The likelihood is
+    # unimodal at H/T, so all p <= threshold are out iff the threshold is
+    # out and H/T > threshold (and all p >= threshold iff H/T < threshold).
+    out = betting_log_wealth(h, t, th) >= np.log(1.0 / alpha)
+    phat = h / np.maximum(t, 1.0)
+    return np.where(out & (phat > th), CERTIFIED,
+                    np.where(out & (phat < th), NOT_CERTIFIED, UNDECIDED))
+  if kind == "union":
+    if checkpoint is None:
+      raise InputError("the union-bound sequence needs the checkpoint k")
+    a = union_bound_alpha(checkpoint, alpha)
+    lower = _clopper_pearson_bound(h, t, a)
+    upper = _clopper_pearson_bound(h, t, a, upper=True)
+    return np.where(lower > th, CERTIFIED,
+                    np.where(upper < th, NOT_CERTIFIED, UNDECIDED))
+  raise InputError(f"unknown confidence sequence {kind!r}; expected one of "
+                   f"{SEQUENCES}")
+
+
 def certificate_from_counts(counts0, counts, sigma, alpha: float,
                             noise: str = "gaussian"):
   """Cohen's CERTIFY on counts already sampled.
