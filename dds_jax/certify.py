@@ -30,6 +30,9 @@ from dds_jax import validate
 from dds_jax.errors import InputError
 
 
+BOUNDS = ("clopper_pearson", "randomized")
+
+
 @dataclasses.dataclass(frozen=True)
 class Certificate:
   """Per-example result of `certify` (numpy arrays over the batch).
@@ -53,6 +56,7 @@ def certify(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
             noise: str = "gaussian",
             mesh: Optional[jax.sharding.Mesh] = None,
             progress: Optional[Callable[[int, int], None]] = None,
+            bound: str = "clopper_pearson",
             ) -> Certificate:
   """Cohen's CERTIFY for a batch of examples, each with its own sigma.
 
@@ -70,6 +74,10 @@ def certify(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
     batch_size, num_classes, example_ids, samples_per_block, noise, mesh:
       see `dds_jax.sampler.sample_counts`.
     progress: called as progress(samples_done, samples_total).
+    bound: 'clopper_pearson' (Cohen's) or 'randomized' (the randomized
+      Clopper-Pearson bound, `stats.randomized_lower_bound`, with one U(0, 1)
+      per example from its own stream `Purpose.BOUND`: exact coverage 1 -
+      alpha, never below the plain bound).
 
   Returns:
     A `Certificate`; radius is an L2 radius for gaussian noise, L1 for uniform.
@@ -87,8 +95,14 @@ def certify(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
       num_classes, batch_size, example_ids=example_ids,
       samples_per_block=samples_per_block, noise=noise, mesh=mesh,
       progress=progress)
+  if bound not in BOUNDS:
+    raise InputError(f"unknown bound {bound!r}; expected one of {BOUNDS}")
+  w = None
+  if bound == "randomized":
+    w = noise_lib.uniforms(key, noise_lib.Purpose.BOUND,
+                           sampler.check_example_ids(example_ids, x))
   pred, radius, p_lower = stats.certificate_from_counts(counts0, counts, sigma,
-                                                        alpha, noise)
+                                                        alpha, noise, w=w)
   return Certificate(pred=pred, radius=radius, p_lower=p_lower,
                      sigma=sigma.astype(np.float64), counts0=counts0,
                      counts=counts)

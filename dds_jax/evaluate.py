@@ -64,6 +64,7 @@ from dds_jax import sigma_opt as sigma_opt_lib
 from dds_jax import stats
 from dds_jax import validate
 from dds_jax.certify import certify
+from dds_jax.certify import certify_at
 from dds_jax.configs import common
 from dds_jax.errors import ConfigError
 
@@ -80,9 +81,11 @@ MEMORY_COLUMNS = ("predict_mem", "radius_mem", "changed")
 # radius, and the classifier's radius; with dual soundness radius = min of
 # the two (dds_jax.dual).
 SELECTOR_COLUMNS = ("sigma_index", "radius_sigma", "radius_c")
+# procedure = sequential: the draws each decision used (n0 + estimation).
+SEQUENTIAL_COLUMNS = ("samples",)
 SIGMA_COLUMNS = ("idx", "sigma0", "sigma", "nonfinite_steps")
 INT_COLUMNS = ("idx", "label", "predict", "correct", "predict_mem", "changed",
-               "nonfinite_steps", "sigma_index")
+               "nonfinite_steps", "sigma_index", "samples")
 PENDING = ("pred", "radius", "raw_pred", "changed")
 
 
@@ -327,12 +330,25 @@ def _certify_call(run: _Run, mine, sigma, selection
   certificate is `dual.combine`'s (R = min(R_sigma, R_c)).
   """
   cc, config = run.config.certify, run.config
+  common_args = dict(
+      batch_size=cc.batch_size, num_classes=config.model.num_classes,
+      example_ids=mine.example_ids, samples_per_block=cc.samples_per_block,
+      noise=config.noise.kind, mesh=run.mesh)
+  if cc.procedure == "sequential":
+    dec = certify_at(
+        run.bundle.apply_fn, run.params, mine.images, sigma, run.key,
+        float(cc.radius), cc.alpha, n0=cc.n0, max_samples=cc.max_samples,
+        sequence=cc.sequence, **common_args)
+    # p_lower: the plain Clopper-Pearson bound of the draws it stopped at
+    # (the decision itself is the sequence's).
+    out = {"pred": dec.pred, "radius": dec.radius, "sigma": dec.sigma,
+           "p_lower": stats.lower_confidence_bound(
+               dec.hits, np.maximum(dec.draws, 1), cc.alpha),
+           "samples": dec.samples}
+    return {name: distributed.gather_rows(v) for name, v in out.items()}
   local = certify(
       run.bundle.apply_fn, run.params, mine.images, sigma, run.key, n0=cc.n0,
-      n=cc.n, alpha=_alphas(config)[1], batch_size=cc.batch_size,
-      num_classes=config.model.num_classes, example_ids=mine.example_ids,
-      samples_per_block=cc.samples_per_block, noise=config.noise.kind,
-      mesh=run.mesh)
+      n=cc.n, alpha=_alphas(config)[1], bound=cc.bound, **common_args)
   out = {name: getattr(local, name)
          for name in ("pred", "radius", "p_lower", "sigma")}
   if selection is not None:
@@ -404,6 +420,8 @@ def _radius_cap(config, max_sigma: float) -> float:
   dual soundness the smaller of the classifier's (at alpha_c) and the
   selector's (s_e, its N, alpha_sigma)."""
   cc, kind = config.certify, config.noise.kind
+  if cc.procedure == "sequential":  # it decides one radius: r or nothing
+    return float(cc.radius)
   alpha_sigma, alpha_c = _alphas(config)
   cap = float(stats.radius_cap(max_sigma, cc.n, alpha_c, kind))
   if cc.soundness == "dual":
@@ -411,6 +429,38 @@ def _radius_cap(config, max_sigma: float) -> float:
         dual_lib.selector_sigma(config), config.dual.n or cc.n, alpha_sigma,
         kind)))
   return cap
+
+
+def _samples_this_run(config, rows, examples_this_run: int) -> float:
+  """Classifier draws of the examples this run certified."""
+  cc = config.certify
+  if cc.procedure == "sequential":
+    return float(np.sum(np.asarray(rows["samples"])[
+        len(rows["samples"]) - examples_this_run:]))
+  return float(examples_this_run * (cc.n0 + cc.n))
+
+
+def _sequential_summary(config, rows) -> dict[str, Any]:
+  """procedure = sequential: certified accuracy at the radius with its
+  interval, and the samples per decision beside Cohen's n0 + N."""
+  cc = config.certify
+  if cc.procedure != "sequential":
+    return {}
+  samples = np.asarray(rows["samples"], np.float64)
+  correct = np.asarray(rows["correct"]) == 1
+  certified = (np.asarray(rows["predict"]) >= 0) & correct
+  k, n = int(certified.sum()), int(certified.size)
+  lo, hi = stats.clopper_pearson_interval(k, max(n, 1), 0.95)
+  mean = float(samples.mean()) if n else 0.0
+  return {"sequential": {
+      "radius": float(cc.radius), "sequence": cc.sequence,
+      "max_samples": int(cc.max_samples),
+      "certified_accuracy": k / max(n, 1),
+      "ci_low": float(lo), "ci_high": float(hi),
+      "mean_samples": mean,
+      "median_samples": float(np.median(samples)) if n else 0.0,
+      "cohen_samples": cc.n0 + cc.n,
+      "ratio_to_cohen": mean / (cc.n0 + cc.n)}}
 
 
 def _dual_summary(config, rows) -> dict[str, Any]:
@@ -460,12 +510,13 @@ def _summarize(run: _Run, rows, wall, sigma_time, examples_this_run,
       "certify_forward_passes": cc.n0 + cc.n,
       "noise_version": noise_lib.NOISE_VERSION,
       **_dual_summary(config, rows),
+      **_sequential_summary(config, rows),
       # Timing of this run's own work (a resumed run counts only the
       # examples it certified itself).
       "examples_this_run": examples_this_run,
       "wall_time_s": wall, "sigma_opt_time_s": sigma_time,
-      "samples_per_s": examples_this_run * (cc.n0 + cc.n) / max(
-          wall - sigma_time, 1e-9)})
+      "samples_per_s": _samples_this_run(config, rows, examples_this_run)
+                       / max(wall - sigma_time, 1e-9)})
   curves = {"data-dependent sigma" if data_dependent else "fixed sigma":
             (np.asarray(rows["radius"]), np.asarray(rows["correct"]))}
   if cc.soundness == "memory":
@@ -513,7 +564,8 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
   ds, store = run.ds, run.store
   store_rows_at_start = len(store) if store is not None else 0
   names = (COLUMNS + (MEMORY_COLUMNS if cc.soundness == "memory" else ())
-           + (SELECTOR_COLUMNS if cc.sigma_method == "selector" else ()))
+           + (SELECTOR_COLUMNS if cc.sigma_method == "selector" else ())
+           + (SEQUENTIAL_COLUMNS if cc.procedure == "sequential" else ()))
   rows = {name: [] for name in names}
   sigma_rows = {name: [] for name in SIGMA_COLUMNS}
   state = _shared_resume_state(config, out_dir, ds, store, names)
@@ -572,7 +624,7 @@ def certify_dataset(config: ml_collections.ConfigDict, workdir: str, *,
     rows["time"] += [per_example] * len(part)
     rows["sigma"] += cert["sigma"].tolist()
     rows["p_lower"] += cert["p_lower"].tolist()
-    for name in SELECTOR_COLUMNS:
+    for name in SELECTOR_COLUMNS + SEQUENTIAL_COLUMNS:
       if name in rows:
         rows[name] += cert[name].tolist()
     if main:  # shortest exact floats: read back, they are the issued values

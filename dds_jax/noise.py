@@ -47,6 +47,7 @@ class Purpose(enum.IntEnum):
   PILOT = 10        # pilot draws of a certificate-aware sigma search
   SELECTOR_SELECT = 11    # dual RS: the smoothed sigma selector's n0 draws
   SELECTOR_ESTIMATE = 12  # dual RS: the selector's n draws
+  BOUND = 13        # the randomized Clopper-Pearson bound's U(0, 1) per example
 
 
 def id_words(example_ids) -> np.ndarray:
@@ -115,3 +116,15 @@ def draw(key: jax.Array, shape, sigma, kind: str = "gaussian",
   if kind == "uniform":
     return sigma * jax.random.uniform(key, shape, dtype, -1.0, 1.0)
   raise ValueError(f"unknown noise kind {kind!r}; expected one of {NOISE_KINDS}")
+
+
+def uniforms(key: jax.Array, purpose: Purpose, example_ids) -> np.ndarray:
+  """One U(0, 1) per example (float64 on the host), keyed by (key, purpose,
+  example id) like every other stream: the same whatever the batch."""
+  words = id_words(np.asarray(example_ids))
+  if words.shape[0] == 0:
+    return np.zeros(0, np.float64)
+  keys = jax.vmap(lambda w: block_key(key, int(purpose), w, 0))(
+      jnp.asarray(words))
+  return np.asarray(jax.vmap(lambda k: jax.random.uniform(
+      k, (), jnp.float32))(keys), np.float64)

@@ -339,7 +339,7 @@ def sequence_decision(kind: str, hits, draws, threshold, alpha: float,
 
 
 def certificate_from_counts(counts0, counts, sigma, alpha: float,
-                            noise: str = "gaussian"):
+                            noise: str = "gaussian", w=None):
   """Cohen's CERTIFY on counts already sampled.
 
   Args:
@@ -349,6 +349,8 @@ def certificate_from_counts(counts0, counts, sigma, alpha: float,
     sigma: [B] or scalar noise level.
     alpha: failure probability.
     noise: see `radius_from_p_lower`.
+    w: None for the Clopper-Pearson bound; [B] uniforms for the randomized
+      bound (`randomized_lower_bound`).
 
   Returns:
     (pred [B] int, radius [B] float64, p_lower [B] float64); pred is ABSTAIN
@@ -359,7 +361,8 @@ def certificate_from_counts(counts0, counts, sigma, alpha: float,
   c_a = counts0.argmax(axis=1)
   n = counts.sum(axis=1)
   n_a = np.take_along_axis(counts, c_a[:, None], axis=1)[:, 0]
-  p_lower = lower_confidence_bound(n_a, n, alpha)
+  p_lower = (lower_confidence_bound(n_a, n, alpha) if w is None else
+             randomized_lower_bound(n_a, n, alpha, w))
   radius = radius_from_p_lower(p_lower, np.broadcast_to(sigma, p_lower.shape),
                                noise)
   pred = np.where(p_lower >= 0.5, c_a, ABSTAIN).astype(np.int64)

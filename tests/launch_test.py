@@ -494,3 +494,54 @@ def test_dual_comparison_beside_the_main_job(trained, tmp_path):
     assert json.load(open(out / f"selector_{name}" / "export" /
                           "export.json"))["target"] == "selector"
   assert "What each certificate promises" in res.stdout
+
+
+def test_sequential_procedure_and_the_randomized_bound(trained, tmp_path):
+  """certify.procedure=sequential writes `samples` and decides radius r or
+  nothing (also through the memory); certify.bound=randomized on the same
+  counts is never below Clopper-Pearson."""
+  workdir, _ = trained
+  base = [f"--config={DIGITS}", f"--config.certify.checkpoint={workdir}/export"]
+  res = launch("certify", *base, f"--workdir={tmp_path}/s",
+               "--config.certify.procedure=sequential",
+               "--config.certify.radius=0.25",
+               "--config.certify.max_samples=2000")
+  assert res.returncode == 0, res.stderr[-3000:]
+  cols = analysis.read_tsv(os.path.join(tmp_path, "s", "certify.tsv"))
+  assert set(np.unique(cols["radius"])) <= {0.0, 0.25}
+  assert np.all((cols["samples"] >= 50 + 50) & (cols["samples"] <= 50 + 2000))
+  np.testing.assert_array_equal(cols["radius"] > 0, cols["predict"] >= 0)
+  assert "radius_mem" in cols  # digits' default grid sigma + memory
+  assert set(np.unique(cols["radius_mem"])) <= {0.0, 0.25}
+  seq = json.load(open(os.path.join(tmp_path, "s", "summary.json")))[
+      "sequential"]
+  assert seq["mean_samples"] == pytest.approx(np.mean(cols["samples"]))
+  assert seq["ratio_to_cohen"] == pytest.approx(seq["mean_samples"] / 350)
+  assert seq["certified_accuracy"] == pytest.approx(
+      np.mean((cols["predict"] >= 0) & (cols["correct"] == 1)))
+  fixed = ["--config.certify.sigma_method=fixed",
+           "--config.certify.soundness=none"]
+  for bound in ("clopper_pearson", "randomized"):
+    res = launch("certify", *base, *fixed, f"--workdir={tmp_path}/{bound}",
+                 f"--config.certify.bound={bound}")
+    assert res.returncode == 0, res.stderr[-3000:]
+  plain = analysis.read_tsv(os.path.join(tmp_path, "clopper_pearson",
+                                         "certify.tsv"))
+  rand = analysis.read_tsv(os.path.join(tmp_path, "randomized",
+                                        "certify.tsv"))
+  assert np.all(rand["p_lower"] >= plain["p_lower"])
+  assert np.any(rand["p_lower"] > plain["p_lower"])
+  np.testing.assert_array_equal(rand["radius"] >= plain["radius"], True)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.certify.radius=-0.5", "certify.radius"),
+    ("--config.certify.max_samples=0", "certify.max_samples"),
+    ("--config.certify.bound=wilson", "certify.bound"),
+    ("--config.certify.procedure=anytime", "certify.procedure"),
+    ("--config.certify.sequence=hoeffding", "certify.sequence"),
+])
+def test_bad_sequential_settings_fail_cleanly(override, needle, tmp_path):
+  res = launch("certify", f"--config={DIGITS}", f"--workdir={tmp_path}",
+               override)
+  _assert_clean_failure(res, needle)

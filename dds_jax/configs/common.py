@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from dds_jax.certify import BOUNDS
 from dds_jax import dual as dual_lib
 from dds_jax import validate as validate_lib
 from dds_jax.errors import ConfigError
@@ -21,7 +22,8 @@ SIGMA_OPTIMIZERS = ("ascent", "sgd", "adam")
 METHODS = ("gaussian", "smoothadv", "macer")
 
 # How a test set is certified: three independent choices (`certify.*`).
-PROCEDURES = ("cohen",)                    # Cohen's fixed-N CERTIFY
+PROCEDURES = ("cohen", "sequential")      # Cohen's fixed-N CERTIFY, or
+                                          # "certified at certify.radius?"
 SIGMA_METHODS = ("fixed", "ascent", "grid", "file", "selector")  # how sigma
                                                   # is chosen
 SOUNDNESS = ("none", "memory", "dual")     # how a data-dependent one is sound
@@ -109,7 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
   c.certify.checkpoint = ""       # a parameters-only export dir ("" = workdir)
   c.certify.resume = True         # continue an interrupted run of this config
-  c.certify.procedure = "cohen"   # cohen: Cohen's CERTIFY, n0 + n draws
+  c.certify.procedure = "cohen"   # cohen: Cohen's CERTIFY, n0 + n draws |
+                                  # sequential: certify_at(certify.radius)
+  c.certify.bound = "clopper_pearson"  # cohen: clopper_pearson | randomized
+                                       # (exact coverage, one U(0,1) each)
+  c.certify.radius = 0.5          # sequential: the radius to certify at ...
+  c.certify.sequence = "betting"  # ... with this confidence sequence
+                                  # (betting | union) ...
+  c.certify.max_samples = 100_000  # ... and at most this many draws
   c.certify.sigma_method = "fixed"  # fixed (noise.sigma) | ascent (sigma_opt.*)
                                     # | grid (sigma_grid.*) | file
                                     # (sigma_opt.sigma_file) | selector (the
@@ -278,6 +287,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"certify.samples_per_block ({c.samples_per_block}) >= 1")
   need(c.procedure in PROCEDURES, f"certify.procedure={c.procedure!r}; "
        f"expected one of {PROCEDURES}")
+  need(c.bound in BOUNDS, f"certify.bound={c.bound!r}; "
+       f"expected one of {BOUNDS}")
+  need(c.procedure == "cohen" or c.bound == "clopper_pearson",
+       "certify.bound='randomized' is a bound of Cohen's CERTIFY "
+       "(certify.procedure='cohen')")
+  need(c.radius >= 0, f"certify.radius must be >= 0; got {c.radius}")
+  need(c.max_samples >= 1, f"certify.max_samples must be >= 1; got "
+       f"{c.max_samples}")
+  need(c.sequence in ("betting", "union"), f"certify.sequence="
+       f"{c.sequence!r}; expected betting or union")
+  need(c.procedure != "sequential" or c.soundness != "dual",
+       "certify.procedure='sequential' with certify.soundness='dual' is not "
+       "supported: certify the dual certificate with procedure='cohen'")
   need(c.sigma_method in SIGMA_METHODS, f"certify.sigma_method="
        f"{c.sigma_method!r}; expected one of {SIGMA_METHODS}")
   need(c.soundness in SOUNDNESS, f"certify.soundness={c.soundness!r}; "
