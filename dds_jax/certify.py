@@ -205,7 +205,8 @@ def certify_at(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
     alpha: failure probability of a certified decision.
     n0: selection draws.
     max_samples: the most estimation draws per example.
-    sequence: 'betting' or 'union'.
+    sequence: 'betting', 'union' or 'adaptive' (the Horvath-style
+      reference, stages `stats.ADAPTIVE_STAGES`).
     first_round: draws of the first round (default samples_per_block).
     Others: see `certify`.
 
@@ -235,8 +236,12 @@ def certify_at(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
   hits = np.zeros(b, np.int64)
   draws = np.zeros(b, np.int64)
   decision = np.full(b, stats.UNDECIDED, np.int64)
-  ends = round_ends(max_samples, first_round or samples_per_block,
-                    samples_per_block, ROUND_GROWTH[sequence])
+  if sequence == "adaptive":  # the reference's fixed stages
+    ends = [t for t in stats.ADAPTIVE_STAGES if t < max_samples] + [
+        max_samples]
+  else:
+    ends = round_ends(max_samples, first_round or samples_per_block,
+                      samples_per_block, ROUND_GROWTH[sequence])
   done = 0
   for k, end in enumerate(ends, start=1):
     run = np.nonzero(decision == stats.UNDECIDED)[0]

@@ -286,7 +286,11 @@ def betting_log_wealth(hits, draws, p) -> np.ndarray:
   return mixture - special.xlogy(h, p) - special.xlog1py(t - h, -p)
 
 
-SEQUENCES = ("betting", "union")
+SEQUENCES = ("betting", "union", "adaptive")
+# The reference of Horvath et al. (ICLR 2022)-style adaptive sampling: stages
+# ending at these draws, each looked at with Clopper-Pearson at alpha / 3.
+ADAPTIVE_STAGES = (1_000, 10_000, 100_000)
+ADAPTIVE_BETA = 1e-4
 CERTIFIED, NOT_CERTIFIED, UNDECIDED = 1, -1, 0
 
 
@@ -311,6 +315,11 @@ def sequence_decision(kind: str, hits, draws, threshold, alpha: float,
     alpha: the sequence's failure probability: a decision is wrong with
       probability <= alpha whenever it is taken.
     checkpoint: k >= 1 for 'union' (draws = T_0 2^(k - 1) or max_samples).
+      'adaptive' (the reference, Horvath-style adaptive sampling: at each of
+      the len(ADAPTIVE_STAGES) stages, certified if the Clopper-Pearson
+      lower bound at alpha / 3 reaches the threshold, stopped as not
+      certified if the upper bound at ADAPTIVE_BETA / 2 is below it) needs
+      no checkpoint.
 
   Returns:
     int array: CERTIFIED (1), NOT_CERTIFIED (-1) or UNDECIDED (0).
@@ -333,6 +342,11 @@ def sequence_decision(kind: str, hits, draws, threshold, alpha: float,
     lower = _clopper_pearson_bound(h, t, a)
     upper = _clopper_pearson_bound(h, t, a, upper=True)
     return np.where(lower > th, CERTIFIED,
+                    np.where(upper < th, NOT_CERTIFIED, UNDECIDED))
+  if kind == "adaptive":
+    lower = _clopper_pearson_bound(h, t, alpha / len(ADAPTIVE_STAGES))
+    upper = _clopper_pearson_bound(h, t, ADAPTIVE_BETA / 2, upper=True)
+    return np.where(lower >= th, CERTIFIED,
                     np.where(upper < th, NOT_CERTIFIED, UNDECIDED))
   raise InputError(f"unknown confidence sequence {kind!r}; expected one of "
                    f"{SEQUENCES}")

@@ -21,7 +21,9 @@ DECISIONS = 100_000
 def _simulate(kind, p, threshold, max_samples=20_000, seed=0):
   """Host-only: the rounds of certify_at on Bernoulli(p) draws."""
   rng = np.random.default_rng(seed)
-  ends = round_ends(max_samples, 100, 100, ROUND_GROWTH[kind])
+  ends = (list(stats.ADAPTIVE_STAGES) if kind == "adaptive" else
+          round_ends(max_samples, 100, 100, ROUND_GROWTH[kind]))
+  ends = [t for t in ends if t < max_samples] + [max_samples]
   hits = np.zeros(DECISIONS, np.int64)
   decision = np.zeros(DECISIONS, np.int64)
   samples = np.zeros(DECISIONS, np.int64)
@@ -70,10 +72,10 @@ def test_clear_cases_stop_early_and_right(kind):
   threshold = float(sps.norm.cdf(0.5 / 0.25))
   decision, samples = _simulate(kind, 0.995, threshold)
   assert np.mean(decision == stats.CERTIFIED) > 0.99
-  assert np.median(samples) <= 3_200
+  assert np.median(samples) <= (1_000 if kind == "adaptive" else 3_200)
   decision, samples = _simulate(kind, 0.9, threshold)
   assert np.mean(decision == stats.NOT_CERTIFIED) > 0.99
-  assert np.median(samples) <= 800
+  assert np.median(samples) <= (1_000 if kind == "adaptive" else 800)
 
 
 def test_betting_wealth_is_the_product_of_kt_bets():
@@ -158,7 +160,8 @@ def test_model_run_at_the_threshold_is_valid(sequence):
   d = dds_jax.certify_at(_linear, PARAMS, x, 0.25, jax.random.key(1), r,
                          ALPHA, n0=20, max_samples=3200, sequence=sequence,
                          example_ids=np.arange(200))
-  assert np.mean(d.certified) > 0.95 and np.median(d.samples) <= 20 + 400
+  first = stats.ADAPTIVE_STAGES[0] if sequence == "adaptive" else 400
+  assert np.mean(d.certified) > 0.95 and np.median(d.samples) <= 20 + first
   assert np.all(d.radius[d.certified] == r)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from dds_jax.certify import BOUNDS
+from dds_jax.stats import SEQUENCES
 from dds_jax import dual as dual_lib
 from dds_jax import validate as validate_lib
 from dds_jax.errors import ConfigError
@@ -117,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
                                        # (exact coverage, one U(0,1) each)
   c.certify.radius = 0.5          # sequential: the radius to certify at ...
   c.certify.sequence = "betting"  # ... with this confidence sequence
-                                  # (betting | union) ...
+                                  # (betting | union | adaptive: the
+                                  # Horvath-style reference) ...
   c.certify.max_samples = 100_000  # ... and at most this many draws
   c.certify.sigma_method = "fixed"  # fixed (noise.sigma) | ascent (sigma_opt.*)
                                     # | grid (sigma_grid.*) | file
@@ -295,8 +297,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(c.radius >= 0, f"certify.radius must be >= 0; got {c.radius}")
   need(c.max_samples >= 1, f"certify.max_samples must be >= 1; got "
        f"{c.max_samples}")
-  need(c.sequence in ("betting", "union"), f"certify.sequence="
-       f"{c.sequence!r}; expected betting or union")
+  need(c.sequence in SEQUENCES, f"certify.sequence={c.sequence!r}; "
+       f"expected one of {SEQUENCES}")
   need(c.procedure != "sequential" or c.soundness != "dual",
        "certify.procedure='sequential' with certify.soundness='dual' is not "
        "supported: certify the dual certificate with procedure='cohen'")
