@@ -72,7 +72,7 @@ TSV = "certify.tsv"
 SIGMA_TSV = "sigma.tsv"
 SUMMARY = analysis.CERTIFY_SUMMARY
 PLOT = "certified_accuracy.png"
-MEMORY = "memory.sqlite"
+MEMORY = memory_lib.store.MEMORY_FILE
 STATE = "certify_state.json"
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "sigma",
            "p_lower")
@@ -235,10 +235,14 @@ def _load(config, workdir, out_dir, params, bundle) -> _Run:
   store = None  # the memory lives on process 0 alone
   if cc.soundness == "memory" and distributed.is_main():
     store = memory_lib.MemoryStore(
-        config.memory.path or os.path.join(out_dir, MEMORY),
+        config.memory.path or memory_lib.default_path(out_dir),
         input_shape=ds.image_shape, dataset=f"{ds.name}:{ds.split}",
         model_fingerprint=models.fingerprint(params, config.model.name),
-        norm=validate.norm_of(config.noise.kind), alpha=cc.alpha)
+        norm=validate.norm_of(config.noise.kind), alpha=cc.alpha,
+        network=config.memory.network)
+    if not config.memory.path and os.path.dirname(store.path) != out_dir:
+      print(f"{out_dir} is on a network filesystem: the memory store is on "
+            f"this machine's disk, {store.path}", flush=True)
     if len(store):
       print(f"memory store {store.path} holds {len(store)} certificates from "
             "earlier queries; new ones are checked against them", flush=True)

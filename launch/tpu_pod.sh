@@ -14,7 +14,9 @@
 # from all workers together: --workdir must be a mount every worker sees
 # (NFS, Filestore, or a gcsfuse mount of a bucket). Certification only needs
 # the model on every worker (e.g. --config.certify.checkpoint=<export dir>
-# copied to each) and keeps its files on worker 0.
+# copied to each) and keeps its files on worker 0. The memory store stays on
+# worker 0's local disk when --workdir is a network mount (SQLite's WAL does
+# not work there; see the README's section on the memory).
 # DRY=1 prints the gcloud commands instead of running them.
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}"

@@ -698,3 +698,57 @@ def test_store_check_invariant_since(tmp_path):
       store.check_invariant(raise_error=True)
     with pytest.raises(InputError, match="since"):
       store.check_invariant(since=len(store) + 1)
+
+
+# --- Network filesystems (pods), detected from a simulated mounts table. ---
+
+def _mounts(tmp_path, fstype):
+  return (f"/dev/sda1 / ext4 rw 0 0\n"
+          f"server:/export {tmp_path} {fstype} rw,relatime 0 0\n")
+
+
+def _store(path, **kw):
+  return MemoryStore(path, input_shape=(2,), dataset="d",
+                     model_fingerprint="m", **kw)
+
+
+def test_filesystem_type_is_the_longest_mount_prefix(tmp_path):
+  from dds_jax.memory import filesystem_type
+  table = _mounts(tmp_path, "nfs4")
+  assert filesystem_type(tmp_path / "a" / "memory.sqlite", table) == "nfs4"
+  assert filesystem_type("/somewhere/else", table) == "ext4"
+  assert filesystem_type(str(tmp_path) + "x/f", table) == "ext4"
+
+
+def test_nfs_is_refused_unless_exclusive(tmp_path):
+  table = _mounts(tmp_path, "nfs")
+  with pytest.raises(MemoryStoreError, match="memory.network='exclusive'"):
+    _store(tmp_path / "m.sqlite", mounts=table)
+  assert not (tmp_path / "m.sqlite").exists()
+  with _store(tmp_path / "m.sqlite", mounts=table, network="exclusive") as s:
+    s.insert(np.array([0.1, 0.2], np.float32), 1, 0.5)
+    assert s.exclusive and s.summary()["filesystem"] == "nfs"
+    mode = s._conn.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode.lower() == "delete"
+  assert not os.path.exists(str(tmp_path / "m.sqlite") + "-wal")
+  with _store(tmp_path / "m.sqlite", mounts=table, network="exclusive") as s:
+    assert len(s) == 1   # reopened: the certificate persisted
+
+
+def test_a_mount_without_posix_locks_is_always_refused(tmp_path):
+  table = _mounts(tmp_path, "fuse.gcsfuse")
+  for network in ("refuse", "exclusive"):
+    with pytest.raises(MemoryStoreError, match="no POSIX locks"):
+      _store(tmp_path / "m.sqlite", mounts=table, network=network)
+
+
+def test_default_path_leaves_a_network_results_dir(tmp_path):
+  from dds_jax.memory import default_path
+  results = tmp_path / "results"
+  local = tmp_path / "local"
+  assert default_path(results, "/dev/sda1 / ext4 rw 0 0\n") == str(
+      results / "memory.sqlite")
+  got = default_path(results, _mounts(tmp_path, "nfs4"), local_dir=str(local))
+  assert got.startswith(str(local)) and got.endswith("memory.sqlite")
+  assert got == default_path(results, _mounts(tmp_path, "nfs4"),
+                             local_dir=str(local))  # stable per results dir

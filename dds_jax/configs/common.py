@@ -149,7 +149,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sigma_grid.pilot = 1000
 
   c.memory = ml_collections.ConfigDict()  # certify.soundness = memory
-  c.memory.path = ""              # "" = <results dir>/memory.sqlite
+  c.memory.path = ""              # "" = <results dir>/memory.sqlite, or a
+                                  # local disk when that is a network FS
+  c.memory.network = "refuse"     # a store on NFS & co: refuse | exclusive
+                                  # (rollback journal, one process at a time)
 
   # Dual randomized smoothing (dds_jax.dual): certify.sigma_method = selector,
   # certify.soundness = dual; train.target = selector trains the selector.
@@ -318,6 +321,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(c.sigma_method != "selector" or bool(config.dual.selector),
        "certify.sigma_method='selector' needs dual.selector: the selector's "
        "training workdir or export (train it with train.target=selector)")
+  need(config.memory.network in ("refuse", "exclusive"),
+       f"memory.network={config.memory.network!r}; expected refuse or "
+       "exclusive")
   need(config.train.target in TARGETS, f"train.target="
        f"{config.train.target!r}; expected one of {TARGETS}")
   d = config.dual

@@ -13,12 +13,14 @@ from dds_jax.memory.rule import (ABSTAIN, CLEARANCE, MemoryIndex,
                                  memory_rule, overlaps)
 from dds_jax.memory.store import (SCHEMA_VERSION, BatchInsertResult,
                                   InsertResult, MemoryMismatchError,
-                                  MemoryStore, MemoryStoreError)
+                                  MemoryStore, MemoryStoreError, default_path,
+                                  filesystem_type)
 
 __all__ = [
     "ABSTAIN", "CLEARANCE", "SCHEMA_VERSION", "BatchInsertResult",
     "InsertResult", "MemoryClassifier", "MemoryIndex", "MemoryInvariantError",
     "MemoryMismatchError", "MemoryPrediction", "MemoryStore",
     "MemoryStoreError", "apply_memory", "check_certificates",
-    "exact_distances", "memory_rule", "overlaps",
+    "default_path", "exact_distances", "filesystem_type", "memory_rule",
+    "overlaps",
 ]

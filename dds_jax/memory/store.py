@@ -20,6 +20,20 @@ Concurrency and crash safety:
   * The RAM index only ever holds committed rows: after a failed commit it is
     cut back, and rows are (re)loaded from disk by id.
 
+Network filesystems (pods put the workdir on NFS or a gcsfuse mount): SQLite's
+WAL needs shared memory between the processes of one machine and does not
+work over a network filesystem, so the store looks at the filesystem of its
+file (`filesystem_type`, from /proc/self/mounts):
+  * local: WAL, as above; several processes of one machine share the file;
+  * a network filesystem with POSIX locks (NFS, CIFS, Lustre, ...): refused
+    unless `network="exclusive"` (config `memory.network = "exclusive"`),
+    which uses a rollback journal and holds the database's lock for the
+    whole session (`locking_mode=EXCLUSIVE`): one process at a time, on one
+    machine; sharing one store between machines over NFS is not supported;
+  * a mount without POSIX locks (gcsfuse, s3fs, ...): always refused.
+The launchers' default store path is on a local disk of process 0 when the
+results directory is on a network filesystem (`default_path`).
+
 No pickle: inputs are raw little-endian bytes of the declared dtype, C order;
 metadata is JSON text.
 """
@@ -41,6 +55,17 @@ from dds_jax.errors import DdsError, InputError
 from dds_jax.memory import rule as rule_lib
 
 SCHEMA_VERSION = 1
+MEMORY_FILE = "memory.sqlite"
+NETWORK_POLICIES = ("refuse", "exclusive")
+# Filesystem types (as in /proc/self/mounts) over a network, with POSIX locks
+# (NFS's lock manager and the like) or without them (object-store mounts).
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "lustre", "gpfs",
+              "beegfs", "ceph", "glusterfs", "fuse.glusterfs", "fuse.sshfs",
+              "fuse.cephfs", "afs", "ocfs2")
+NO_LOCKS_FS = ("fuse.gcsfuse", "gcsfuse", "fuse.s3fs", "fuse.goofys",
+               "fuse.rclone", "fuse.mountpoint-s3", "fuse.blobfuse",
+               "fuse.blobfuse2")
+MOUNTS = "/proc/self/mounts"
 _BUSY_TIMEOUT_S = 60.0
 _IDENTITY = ("input_shape", "dtype", "dataset", "model_fingerprint", "norm",
              "alpha")
@@ -96,6 +121,58 @@ def _meta_value(name, value):
   return value
 
 
+def filesystem_type(path, mounts: Optional[str] = None) -> str:
+  """The filesystem type of the mount holding `path` ('' if unknown).
+
+  Args:
+    path: a file or directory (it need not exist yet: its nearest existing
+      parent is looked up).
+    mounts: the text of a mounts table (default: read `MOUNTS`).
+  """
+  if mounts is None:
+    try:
+      with open(MOUNTS, encoding="utf-8") as f:
+        mounts = f.read()
+    except OSError:
+      return ""
+  p = os.path.abspath(os.fspath(path))
+  while not os.path.exists(p) and os.path.dirname(p) != p:
+    p = os.path.dirname(p)
+  p = os.path.realpath(p)
+  best, fstype = -1, ""
+  for line in mounts.splitlines():
+    parts = line.split()
+    if len(parts) < 3:
+      continue
+    point = parts[1].replace("\\040", " ")
+    inside = p == point or p.startswith(point.rstrip("/") + "/")
+    if inside and len(point) > best:
+      best, fstype = len(point), parts[2]
+  return fstype
+
+
+def is_network(fstype: str) -> bool:
+  return fstype in NETWORK_FS or fstype in NO_LOCKS_FS
+
+
+def default_path(results_dir, mounts: Optional[str] = None,
+                 local_dir: Optional[str] = None) -> str:
+  """Where a run's store goes by default: `<results_dir>/memory.sqlite`, or,
+  when results_dir is on a network filesystem, a file on this machine's
+  disk keyed by the results directory (`$DDS_JAX_CACHE/memory/` or
+  `~/.cache/dds_jax/memory/`)."""
+  if not is_network(filesystem_type(results_dir, mounts)):
+    return os.path.join(os.fspath(results_dir), MEMORY_FILE)
+  import hashlib  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha256(os.path.abspath(os.fspath(results_dir)).encode()
+                       ).hexdigest()[:16]
+  base = local_dir or os.path.join(
+      os.environ.get("DDS_JAX_CACHE") or os.path.join(
+          os.path.expanduser("~"), ".cache", "dds_jax"), "memory")
+  os.makedirs(base, exist_ok=True)
+  return os.path.join(base, f"{key}-{MEMORY_FILE}")
+
+
 class MemoryStore:
   """A memory of certificates persisted in an SQLite file.
 
@@ -112,7 +189,8 @@ class MemoryStore:
   def __init__(self, path, *, input_shape: Sequence[int],
                dtype: str = "float32", dataset: str, model_fingerprint: str,
                norm: int = 2, alpha: Optional[float] = None,
-               create: bool = True, timeout: float = _BUSY_TIMEOUT_S):
+               create: bool = True, timeout: float = _BUSY_TIMEOUT_S,
+               network: str = "refuse", mounts: Optional[str] = None):
     """Opens (or creates) the store at path.
 
     Args:
@@ -126,6 +204,12 @@ class MemoryStore:
         union bound of `summary`); when given it must match the stored one.
       create: create the file when it does not exist.
       timeout: seconds to wait for another process's write lock.
+      network: on a network filesystem with POSIX locks, 'refuse' (default)
+        or 'exclusive' (rollback journal, the lock held for the session:
+        one process at a time). A mount without POSIX locks is refused
+        either way.
+      mounts: a mounts table to detect the filesystem with (tests; default
+        /proc/self/mounts).
 
     Raises:
       MemoryMismatchError: the file holds a store with other parameters.
@@ -148,6 +232,27 @@ class MemoryStore:
     self.alpha = (None if alpha is None else
                   validate.check_alpha(alpha, "alpha (when given)"))
     self._index = rule_lib.MemoryIndex(self.input_shape, self.dtype, self.norm)
+    if network not in NETWORK_POLICIES:
+      raise InputError(f"network must be one of {NETWORK_POLICIES}; got "
+                       f"{network!r}")
+    self.filesystem = ("" if self.path == ":memory:" else
+                       filesystem_type(self.path, mounts))
+    self.exclusive = False
+    if self.filesystem in NO_LOCKS_FS:
+      raise MemoryStoreError(
+          f"{self.path} is on a {self.filesystem} mount, which has no POSIX "
+          "locks: SQLite cannot keep the memory consistent there. Put the "
+          "store on a local disk of process 0 (memory.path).")
+    if self.filesystem in NETWORK_FS:
+      if network == "refuse":
+        raise MemoryStoreError(
+            f"{self.path} is on a network filesystem ({self.filesystem}), "
+            "where SQLite's WAL mode does not work. Put the store on a local "
+            "disk of process 0 (memory.path), or set memory.network="
+            "'exclusive' (MemoryStore(network='exclusive')) for a rollback "
+            "journal with the lock held by one process at a time (one "
+            "machine; sharing a store between machines is not supported).")
+      self.exclusive = True
     self._lock = threading.RLock()
     self._conn = None
     self.created_at = None
@@ -227,11 +332,19 @@ class MemoryStore:
     if meta is None and not create:
       raise MemoryStoreError(f"{self.path} is empty, not a memory store "
                              "(create=False)")
-    if meta is None:
+    if self.exclusive:  # network filesystem: no WAL, one process at a time
+      self._conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+      mode = self._conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+      if mode.lower() != "delete":
+        raise MemoryStoreError(
+            f"{self.path}: cannot switch SQLite to a rollback journal on "
+            f"this network filesystem (journal mode {mode!r})")
+    elif meta is None:
       mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
       if mode.lower() != "wal" and self.path != ":memory:":
         raise MemoryStoreError(f"{self.path}: cannot use SQLite WAL mode "
                                f"(got {mode!r}); use a local file system")
+    if meta is None:
       self._conn.execute("BEGIN IMMEDIATE")
       try:
         meta = self._read_meta()
@@ -509,7 +622,8 @@ class MemoryStore:
       num_changed = self._db().execute(
           "SELECT COUNT(*) FROM certificates WHERE changed != 0").fetchone()[0]
     return dict(
-        path=self.path, num_stored=k, num_changed=int(num_changed),
+        path=self.path, filesystem=self.filesystem,
+        exclusive=self.exclusive, num_stored=k, num_changed=int(num_changed),
         num_abstained=int(np.sum(preds == rule_lib.ABSTAIN)), alpha=alpha,
         union_bound=None if alpha is None else min(1.0, k * alpha),
         dataset=self.dataset, model_fingerprint=self.model_fingerprint,
