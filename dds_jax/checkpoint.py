@@ -6,7 +6,10 @@ A checkpoint step holds named items, each saved atomically by orbax's
   * `params`: the model's variables (params and BatchNorm statistics);
   * `opt_state`: the optimizer state;
   * `sigma_table`: the per-sample sigma of every training example;
-  * `meta`: JSON with step, epoch, position in the epoch, seed, model name.
+  * `meta`: JSON with step, epoch, position in the epoch, seed, model name;
+  * `data_iter` (data.pipeline=grain): the input pipeline's grain iterator
+    state (JSON), so a resume continues at the next batch without reading the
+    ones before it.
 
 `export_params` writes a parameters-only copy (float32 or bfloat16, no
 optimizer state) as one msgpack file for certification elsewhere.
@@ -68,9 +71,12 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, params, opt_state, meta: dict[str, Any],
-           sigma_table=None) -> None:
+           sigma_table=None, data_state: Optional[dict[str, Any]] = None
+           ) -> None:
     items = dict(params=ocp.args.StandardSave(params),
                  meta=ocp.args.JsonSave(meta))
+    if data_state is not None:
+      items["data_iter"] = ocp.args.JsonSave(data_state)
     if sigma_table is not None:
       items["sigma_table"] = ocp.args.StandardSave({"sigma": sigma_table})
     if jax.tree.leaves(opt_state):  # e.g. plain SGD has an empty state
@@ -92,6 +98,17 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
                             f"damaged: {type(e).__name__}: {e}") from e
     return dict(out["meta"])
+
+  def read_data_state(self, step: Optional[int] = None
+                      ) -> Optional[dict[str, Any]]:
+    """The input pipeline's state saved with a step, or None if it has none."""
+    step = self.latest_step() if step is None else step
+    if step is None or not os.path.isdir(os.path.join(
+        self.directory, str(step), "data_iter")):
+      return None
+    out = self._manager.restore(
+        step, args=ocp.args.Composite(data_iter=ocp.args.JsonRestore()))
+    return dict(out["data_iter"])
 
   def restore(self, params_like, opt_state_like=None,
               step: Optional[int] = None,

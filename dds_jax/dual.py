@@ -290,10 +290,8 @@ def relabel(ds, sigma_by_id: dict, sigmas, what: str):
                       f"{missing[:10]}{'...' if len(missing) > 10 else ''}")
   s = check_sigmas(sigmas)
   sig = np.array([sigma_by_id[int(i)] for i in ds.example_ids], np.float64)
-  return dataclasses.replace(
-      ds, labels=targets_from_sigmas(sig, s),
-      num_classes=int(s.size),
-      class_names=tuple(f"sigma={v:g}" for v in s))
+  return ds.with_labels(targets_from_sigmas(sig, s),
+                        tuple(f"sigma={v:g}" for v in s))
 
 
 def load_selector(config: ml_collections.ConfigDict, image_shape, mesh=None):

@@ -52,6 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dds_jax import analysis
 from dds_jax import checkpoint as ckpt_lib
 from dds_jax import data as data_lib
+from dds_jax.data import pipeline as pipeline_lib
 from dds_jax import distributed
 from dds_jax import dual
 from dds_jax import models
@@ -260,6 +261,36 @@ def sigma_stats(table: np.ndarray, bins: int = 20) -> dict[str, Any]:
           "hist_edges": [float(e) for e in edges]}
 
 
+def _train_batches(config, ckpt, train_ds, epoch, first, rows):
+  """One epoch's batches from batch `first` on (this process's rows).
+
+  data.pipeline=memory: `iterate_batches`. grain: `data.pipeline.TrainBatches`,
+  restored from the checkpoint's iterator state when resuming mid-epoch.
+  """
+  tc, dc = config.train, config.data
+  if not train_ds.lazy:
+    return data_lib.iterate_batches(
+        train_ds, tc.batch_size, shuffle_key_seed=config.seed, epoch=epoch,
+        drop_remainder=True, rows=rows, start_batch=first)
+  state = None
+  if first:
+    state = ckpt.read_data_state()
+    if state is None:  # a checkpoint without one: start at the batch anyway
+      state = {"epoch": epoch, "grain": {"next_index": first * (
+          rows.stop - rows.start if rows is not None else tc.batch_size)}}
+  batches = pipeline_lib.TrainBatches(
+      train_ds, tc.batch_size, seed=config.seed, epoch=epoch, rows=rows,
+      state=state, threads=dc.threads, prefetch=dc.prefetch)
+  if batches.next_batch != first:
+    raise ConfigError(
+        f"the checkpoint's data iterator is at batch {batches.next_batch} of "
+        f"epoch {epoch}, its metadata at batch {first}: a damaged checkpoint")
+  if first and distributed.is_main():
+    print(f"data: continuing epoch {epoch} at batch {first} from the data "
+          "iterator state (the batches before it are not read)", flush=True)
+  return batches
+
+
 def _restore_or_start(config, workdir, ckpt, variables, opt_state, table,
                       mesh):
   """The latest checkpoint of workdir, else the fresh state given.
@@ -419,11 +450,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     meta.update(sigmas=[float(v) for v in config.dual.sigmas],
                 selector_sigma=float(config.noise.sigma))
 
-  def save(epoch, batch_idx):
+  def save(epoch, batch_idx, batches=None):
     ckpt.save(step, variables, opt_state,
               {"step": step, "epoch": epoch, "batch": batch_idx,
                "seed": config.seed, "num_train": len(train_ds), **meta},
-              sigma_table=table)
+              sigma_table=table,
+              data_state=(batches.get_state() if batches is not None and
+                          batch_idx < len(batches) else None))
 
   # --- Training epochs, a checkpoint every ckpt.every_steps. ---------------
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -439,13 +472,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       train_steps[ds_active] = make_train_step(bundle, tx, config, ds_active)
     eps_adv = jnp.float32(losses.smoothadv_epsilon(
         epoch, tc.smoothadv.eps, tc.smoothadv.warmup_epochs))
-    batches = data_lib.iterate_batches(train_ds, tc.batch_size,
-                                       shuffle_key_seed=config.seed,
-                                       epoch=epoch, drop_remainder=True,
-                                       rows=train_rows)
-    for b_idx, batch in enumerate(batches):
-      if epoch == start_epoch and b_idx < start_batch:
-        continue
+    first = start_batch if epoch == start_epoch else 0
+    batches = _train_batches(config, ckpt, train_ds, epoch, first, train_rows)
+    for b_idx, batch in enumerate(batches, start=first):
       batch["pos"] = positions(batch["example_ids"]).astype(np.int32)
       batch["id_words"] = noise_lib.id_words(batch.pop("example_ids"))
       variables, opt_state, table, m = train_steps[ds_active](
@@ -455,7 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       step += 1
       bar.update(step)
       if step % config.ckpt.every_steps == 0 and step < total_steps:
-        save(epoch, b_idx + 1)
+        save(epoch, b_idx + 1, batches if train_ds.lazy else None)
     # --- Evaluation, metrics. ----------------------------------------------
     clean = noisy = 0
     for batch in data_lib.iterate_batches(eval_ds, eval_bs, rows=eval_rows):

@@ -35,3 +35,30 @@ def subprocess_env(num_devices: int = 1, **extra) -> dict:
   env["JAX_PLATFORMS"] = "cpu"
   env.update(extra)
   return env
+
+
+def make_imagefolder(root: str, num_images: int, *, splits=("train", "val"),
+                     num_classes: int = 4, sizes=(256, 500),
+                     seed: int = 0) -> str:
+  """An ImageNet-like ImageFolder: JPEGs of random sizes in [sizes], each
+  split with num_images images in num_classes class folders. The pixels are
+  smooth random fields whose mean colour depends on the class (learnable).
+
+  Returns root.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  palette = rng.uniform(40, 215, (num_classes, 3))
+  for split in splits:
+    for c in range(num_classes):
+      os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+    for i in range(num_images):
+      c = i % num_classes
+      h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+      small = rng.normal(0, 30, (h // 32 + 2, w // 32 + 2, 3)) + palette[c]
+      img = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8))
+      img = img.resize((w, h), Image.BILINEAR)
+      img.save(os.path.join(root, split, f"class{c}", f"{i:06d}.jpg"),
+               quality=85)
+  return root

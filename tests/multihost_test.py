@@ -189,6 +189,24 @@ def test_training_on_two_processes_equals_one(trained):
     assert f.read() == params_one
 
 
+def test_grain_pipeline_on_two_processes_equals_memory_on_one(trained,
+                                                              tmp_path):
+  """data.pipeline=grain on 2 processes x 1 device trains the same parameters,
+  bit for bit, as the in-memory pipeline on 1 process x 2 devices: the same
+  global batches (order, example ids, images), each process reading its
+  rows."""
+  one, _, _ = trained
+  grain = str(tmp_path / "grain")
+  res = launch("train", f"--config={DIGITS}", f"--workdir={grain}",
+               *TRAIN_FLAGS, "--config.data.pipeline=grain", num_processes=2)
+  assert "epoch 2/2" in res[0][1]
+  with open(os.path.join(one, "export", "params.msgpack"), "rb") as f:
+    params_one = f.read()
+  with open(os.path.join(grain, "export", "params.msgpack"), "rb") as f:
+    assert f.read() == params_one
+  np.testing.assert_array_equal(_sigma_table(one), _sigma_table(grain))
+
+
 def _cut_after_10_rows_and_resume(flags, multi, full):
   """Cuts multi's certify.tsv to 10 rows (a crash), resumes on 2 processes."""
   tsv = os.path.join(multi, "certify.tsv")

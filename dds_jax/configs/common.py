@@ -51,6 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.class_names = ()         # () = sorted class folder names / dataset's own
   c.data.cache_dir = ""           # "" = $DDS_JAX_CACHE or ~/.cache/dds_jax
   c.data.data_dir = ""            # TFDS data_dir ("" = TFDS default)
+  c.data.pipeline = "memory"      # memory (decoded once into RAM) | grain (lazy)
+  c.data.preprocess = "none"      # none | imagenet (resize+crop; needs grain)
+  c.data.image_size = 224         # imagenet: side of the crop
+  c.data.resize = 256             # imagenet: shorter side before the eval crop
+  c.data.in_ram = False           # grain, imagefolder: records from a uint8 RAM copy
+  c.data.threads = 4              # grain: reader threads
+  c.data.prefetch = 4             # grain: batches read ahead
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "small_cnn"
@@ -282,6 +289,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.train.epochs >= 1 and config.train.batch_size >= 1,
        "train.epochs and train.batch_size must be >= 1")
   need(config.train.lr > 0, "train.lr must be > 0")
+  d = config.data
+  need(d.pipeline in ("memory", "grain"),
+       f"data.pipeline={d.pipeline!r}; expected memory or grain")
+  need(d.preprocess in ("none", "imagenet"),
+       f"data.preprocess={d.preprocess!r}; expected none or imagenet")
+  need(d.preprocess == "none" or d.pipeline == "grain",
+       f"data.preprocess={d.preprocess!r} needs data.pipeline=grain (images "
+       "are resized and cropped one at a time as they are read)")
+  need(0 < d.image_size <= d.resize, f"data.image_size ({d.image_size}) must "
+       f"be in (0, data.resize={d.resize}]")
+  need(not d.in_ram or d.pipeline == "grain",
+       "data.in_ram applies to data.pipeline=grain")
+  need(d.threads >= 1 and d.prefetch >= 1,
+       "data.threads and data.prefetch must be >= 1")
   c = config.certify
   need(c.n0 >= 1 and c.n >= 1, f"certify.n0 and certify.n must be >= 1; got "
        f"n0={c.n0}, n={c.n}")

@@ -1,9 +1,12 @@
 r"""ImageNet with ResNet-50, Gaussian augmentation (Cohen et al.).
 
 Reads `tfds:imagenet2012` (prepared in array_record format; see the README's
-data section) or an ImageFolder directory with `data=<dir>` (train/ and val/
-split folders, so `test_split` is 'val' there). Images must already be
-resized/cropped to 224x224: this reader does not resize.
+data section) or an ImageFolder directory or zip with `data=<path>` (train/
+and val/ split folders, so `test_split` is 'val' there). Records are read
+lazily through grain (`data.pipeline=grain`), one image at a time, with Cohen
+et al.'s preprocessing (`data.preprocess=imagenet`): a random-resized 224 crop
+for training, resize to 256 and a central 224 crop for evaluation; memory does
+not grow with the dataset.
 
   python -m launch.run --config=dds_jax/configs/imagenet.py:data=<dir> \
       --workdir=runs/imagenet_s025
@@ -25,6 +28,9 @@ def get_config(arg=None):
   else:
     c.data.name = f"imagefolder:{args['data']}"
     c.data.test_split = "val"
+  c.data.pipeline = "grain"
+  c.data.preprocess = "imagenet"
+  c.data.threads = 16
   c.model.name = "resnet50"
   c.model.num_classes = 1000
   c.noise.sigma = args["sigma"]

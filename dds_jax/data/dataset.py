@@ -69,6 +69,8 @@ class Dataset:
           f'Dataset {self.name!r}: {len(self.class_names)} class names for '
           f'{self.num_classes} classes.')
 
+  lazy = False  # see `dds_jax.data.records.LazyDataset`
+
   def __len__(self) -> int:
     return int(self.images.shape[0])
 
@@ -103,8 +105,21 @@ class Dataset:
         labels=self.labels[idx],
         example_ids=self.example_ids[idx])
 
+  def images_at(self, idx: np.ndarray) -> np.ndarray:
+    """float32 [len(idx), H, W, C]: the images at positions idx (a copy)."""
+    return self.images[np.asarray(idx, np.int64).reshape(-1)]
 
-def select(ds: Dataset,
+  def with_labels(self, labels, class_names) -> Dataset:
+    """This dataset with other labels (and classes), e.g. training targets."""
+    return dataclasses.replace(self, labels=np.asarray(labels, np.int32),
+                               num_classes=len(class_names),
+                               class_names=tuple(class_names))
+
+  def with_split(self, split: str) -> Dataset:
+    return dataclasses.replace(self, split=split)
+
+
+def select(ds,
            skip: int = 1,
            max: int = -1) -> Dataset:  # pylint: disable=redefined-builtin
   """Selects examples exactly like Cohen et al.'s `certify.py`.
@@ -157,7 +172,7 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def iterate_batches(
-    ds: Dataset,
+    ds,
     batch_size: int,
     *,
     shuffle_key_seed: int | None = None,
@@ -165,6 +180,7 @@ def iterate_batches(
     drop_remainder: bool = False,
     pad: bool = True,
     rows: slice | None = None,
+    start_batch: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields NumPy batches of a dataset, for one epoch.
 
@@ -190,6 +206,8 @@ def iterate_batches(
       yielding a smaller one.
     rows: Only these rows of every batch (after padding), e.g. one process's
       share of a global batch in a multi-host job: only they are read.
+    start_batch: Start with this batch of the epoch (a resume); the batches
+      before it are not read.
 
   Yields:
     Batches as dicts of NumPy arrays.
@@ -211,7 +229,7 @@ def iterate_batches(
           f'and {epoch}.')
     order = _permutation(n, shuffle_key_seed, epoch)
 
-  for start in range(0, n, batch_size):
+  for start in range(int(start_batch) * batch_size, n, batch_size):
     stop = min(start + batch_size, n)
     size = stop - start
     if size < batch_size and drop_remainder:
@@ -226,13 +244,13 @@ def iterate_batches(
     yield _read(ds, idx, mask)
 
 
-def _read(ds: Dataset, idx: np.ndarray,
+def _read(ds, idx: np.ndarray,
           mask: np.ndarray) -> dict[str, np.ndarray]:
   """The batch of examples at positions idx; rows with mask False are blank:
   zero image, label 0, example id -1."""
   real = np.where(mask, idx, 0)
   batch = {
-      'images': ds.images[real],
+      'images': ds.images_at(real),
       'labels': ds.labels[real],
       'example_ids': ds.example_ids[real],
       'mask': mask.copy(),

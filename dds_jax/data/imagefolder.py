@@ -402,9 +402,26 @@ def _decode_image(data: bytes, name: str) -> np.ndarray:
   return array
 
 
-def _decode_split(source: _Source, path: str, split: str,
-                  class_names: tuple[str, ...] | None) -> RawSplit:
-  """Lists, sorts, labels and decodes the images of one split."""
+@dataclasses.dataclass(frozen=True)
+class SplitListing:
+  """The files of one split, in the split's order (see the module docstring).
+
+  Attributes:
+    entries: Path of each image inside the directory or archive.
+    files: Path of each image relative to the split folder (posix style).
+    labels: int32 label of each image.
+    class_names: Class names; label = position.
+  """
+
+  entries: tuple[str, ...]
+  files: tuple[str, ...]
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+
+
+def _list_split(source: _Source, path: str, split: str,
+                class_names: tuple[str, ...] | None) -> SplitListing:
+  """Lists, sorts and labels the images of one split (nothing is decoded)."""
   entries = source.entries()
   prefix = _find_split_prefix(entries, path, split) + split + '/'
   found_classes = set()
@@ -435,9 +452,19 @@ def _decode_split(source: _Source, path: str, split: str,
         f'{sorted(IMAGE_EXTENSIONS)}).')
   images.sort()
   label_of = {name: i for i, name in enumerate(class_names)}
+  return SplitListing(
+      entries=tuple(entry for _, _, entry in images),
+      files=tuple(key[2] for key, _, _ in images),
+      labels=np.array([label_of[c] for _, c, _ in images], dtype=np.int32),
+      class_names=class_names)
 
+
+def _decode_split(source: _Source, path: str, split: str,
+                  class_names: tuple[str, ...] | None) -> RawSplit:
+  """Lists, sorts, labels and decodes the images of one split."""
+  listing = _list_split(source, path, split, class_names)
   arrays = []
-  for _, _, entry in images:
+  for entry in listing.entries:
     try:
       data = source.read(entry)
     except OSError as e:
@@ -445,23 +472,25 @@ def _decode_split(source: _Source, path: str, split: str,
     arrays.append(_decode_image(data, f'{path}:{entry}'))
 
   first = arrays[0]
-  for (_, _, entry), array in zip(images, arrays):
+  for entry, array in zip(listing.entries, arrays):
     if array.shape[:2] != first.shape[:2]:
       raise errors.DataError(
           f'Images of split {split!r} in {path} do not all have the same '
-          f'size: {images[0][2]} is {first.shape[1]}x{first.shape[0]} (WxH) '
-          f'but {entry} is {array.shape[1]}x{array.shape[0]}. Resize them to '
-          'one size first.')
+          f'size: {listing.entries[0]} is {first.shape[1]}x{first.shape[0]} '
+          f'(WxH) but {entry} is {array.shape[1]}x{array.shape[0]}. Resize '
+          'them to one size first, or read the split lazily with '
+          "data.pipeline='grain' and data.preprocess='imagenet' (resize and "
+          'crop per image).')
   if any(a.shape[2] == 3 for a in arrays):
     arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
               for a in arrays]
   n = len(arrays)
   return RawSplit(
       images=np.stack(arrays),
-      labels=np.array([label_of[c] for _, c, _ in images], dtype=np.int32),
+      labels=listing.labels,
       example_ids=np.arange(n, dtype=np.int64),
-      class_names=class_names,
-      files=tuple(key[2] for key, _, _ in images))
+      class_names=listing.class_names,
+      files=listing.files)
 
 
 # -------------------------------------------------------------------- cache

@@ -109,14 +109,35 @@ def _check_features(features: Any, name: str) -> None:
         f"'image' and a class label 'label'; its features are {keys}.")
 
 
-def _read(tfds: Any, name: str, split: str,
-          data_dir: str | None) -> tuple[np.ndarray, np.ndarray, Any]:
-  """Returns (uint8 images NHWC, int labels, features) of a split."""
+def open_data_source(name: str, split: str, data_dir: str | None) -> Any:
+  """`tfds.data_source` of a split prepared in array_record format.
+
+  For lazy reading (`dds_jax.data.records`): a split without random access
+  (tfrecord, or nothing prepared) is a DataError that says how to prepare it.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if data_dir is not None:
+    data_dir = os.path.expanduser(data_dir)
+  source, error = _open(tfds, name, split, data_dir)
+  if source is None:
+    where = _data_dir_for_message(data_dir)
+    raise errors.DataError(
+        f'tfds:{name} split {split!r} in data_dir {where} has no random '
+        f'access ({error}); reading it record by record needs an array_record '
+        f'build:\n  tfds build {name} --file_format=array_record '
+        f'--data_dir={where}') from error
+  _check_features(source.dataset_info.features, name)
+  return source
+
+
+def _open(tfds: Any, name: str, split: str,
+          data_dir: str | None) -> tuple[Any, Exception | None]:
+  """(tfds.data_source, None), or (None, the error) without random access."""
   from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
 
   try:
-    source = tfds.data_source(
-        name, split=split, download=False, data_dir=data_dir)
+    return tfds.data_source(
+        name, split=split, download=False, data_dir=data_dir), None
   except registered.DatasetNotFoundError as e:
     raise errors.ConfigError(
         f'Unknown TFDS dataset {name!r}. Check the name in the TFDS catalog '
@@ -125,11 +146,19 @@ def _read(tfds: Any, name: str, split: str,
   except NotImplementedError as e:
     # Raised when the files are not in a random access format: either nothing
     # is prepared (TFDS then assumes tfrecord) or a tfrecord build.
-    return _read_without_data_source(tfds, name, split, data_dir, e)
+    return None, e
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise errors.DataError(
         f'Cannot open tfds:{name} split {split!r} in data_dir '
         f'{_data_dir_for_message(data_dir)}: {type(e).__name__}: {e}') from e
+
+
+def _read(tfds: Any, name: str, split: str,
+          data_dir: str | None) -> tuple[np.ndarray, np.ndarray, Any]:
+  """Returns (uint8 images NHWC, int labels, features) of a split."""
+  source, error = _open(tfds, name, split, data_dir)
+  if source is None:
+    return _read_without_data_source(tfds, name, split, data_dir, error)
 
   features = source.dataset_info.features
   _check_features(features, name)
