@@ -254,7 +254,7 @@ def test_sigkill_mid_epoch_and_resume_equal_an_uninterrupted_run(
     imagenet_like, tmp_path):
   env = conftest.subprocess_env(1)
   run = [sys.executable, "-m", "launch.train"]
-  extra = ("--config.train.epochs=3", "--config.ckpt.every_steps=5")
+  extra = ("--config.train.epochs=2", "--config.ckpt.every_steps=5")
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
   res = subprocess.run(run + _imagenet_flags(imagenet_like, full, *extra),
                        cwd=conftest.REPO, env=env, capture_output=True,
@@ -268,7 +268,7 @@ def test_sigkill_mid_epoch_and_resume_equal_an_uninterrupted_run(
   while time.time() < deadline and proc.poll() is None:
     steps = [d for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(
         ckdir) else []
-    if any(int(d) >= 10 for d in steps):
+    if any(int(d) >= 5 for d in steps):
       break
     time.sleep(0.02)
   assert proc.poll() is None, "training ended before it could be killed"
@@ -285,7 +285,7 @@ def test_sigkill_mid_epoch_and_resume_equal_an_uninterrupted_run(
   assert "data iterator state" in res.stdout
   step_a, params_a = _params(full)
   step_b, params_b = _params(killed)
-  assert step_a == step_b == 18
+  assert step_a == step_b == 12
   for a, b in zip(params_a, params_b):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -308,23 +308,23 @@ def _peak_rss_mb(args):
 def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
   """Training and certifying on 500 and 2,000 ImageNet-size JPEGs per split.
 
-  Decoded whole at 224x224 as float32 (the in-memory pipeline), 1,500 more
-  images would be 0.9 GB more; read lazily the peak RSS stays within 100 MB.
+  Decoded whole at their stored size as float32 (what the in-memory pipeline
+  would hold), 1,500 more images would be about 2.5 GB more (0.9 GB at
+  224x224); read lazily the peak RSS stays within 150 MB.
   """
   rss = {}
   for n in (500, 2000):
     folder = conftest.make_imagefolder(str(tmp_path / f"d{n}"), n, seed=n)
     work = str(tmp_path / f"w{n}")
     train = _peak_rss_mb(["-m", "launch.train", *_imagenet_flags(
-        folder, work, "--config.train.epochs=1", "--config.data.image_size=64",
-        "--config.data.resize=73", "--config.train.eval_examples=32")])
+        folder, work, "--config.train.epochs=1",
+        "--config.train.batch_size=50")])
     certify = _peak_rss_mb(["-m", "launch.certify", *_imagenet_flags(
-        folder, work, "--config.data.image_size=64", "--config.data.resize=73",
-        "--config.certify.skip=100", "--config.certify.max=-1")])
+        folder, work, "--config.certify.skip=100", "--config.certify.max=-1")])
     rss[n] = (train, certify)
   print("peak RSS (MB), 500 vs 2,000 images:", rss)
-  assert abs(rss[2000][0] - rss[500][0]) < 100, rss
-  assert abs(rss[2000][1] - rss[500][1]) < 100, rss
+  assert abs(rss[2000][0] - rss[500][0]) < 150, rss
+  assert abs(rss[2000][1] - rss[500][1]) < 150, rss
 
 
 def test_one_resnet50_step_on_imagenet_size_jpegs(tmp_path):
