@@ -62,3 +62,25 @@ def make_imagefolder(root: str, num_images: int, *, splits=("train", "val"),
       img.save(os.path.join(root, split, f"class{c}", f"{i:06d}.jpg"),
                quality=85)
   return root
+
+
+def sigkill_after_checkpoint(args, workdir: str, min_step: int,
+                             poll_s: float = 0.02) -> None:
+  """Starts a training launcher and SIGKILLs it once its checkpoint directory
+  holds a step >= min_step (asserting it was still running)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen(args, cwd=REPO, env=subprocess_env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  ckdir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    steps = [d for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(
+        ckdir) else []
+    if any(int(d) >= min_step for d in steps):
+      break
+    time.sleep(poll_s)
+  assert proc.poll() is None, "training ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()

@@ -6,10 +6,8 @@ sizes (`conftest.make_imagefolder`).
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -260,20 +258,8 @@ def test_sigkill_mid_epoch_and_resume_equal_an_uninterrupted_run(
                        cwd=conftest.REPO, env=env, capture_output=True,
                        text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
-  proc = subprocess.Popen(run + _imagenet_flags(imagenet_like, killed, *extra),
-                          cwd=conftest.REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
-  ckdir = os.path.join(killed, checkpoint.CKPT_DIR)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    steps = [d for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(
-        ckdir) else []
-    if any(int(d) >= 5 for d in steps):
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, "training ended before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  conftest.sigkill_after_checkpoint(
+      run + _imagenet_flags(imagenet_like, killed, *extra), killed, 5)
   latest = checkpoint.Checkpointer(killed, create=False)
   assert latest.read_meta()["batch"] not in (0, 6)     # mid-epoch
   assert latest.read_data_state()["grain"]["next_index"] > 0

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -73,20 +71,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
   res = subprocess.run(_RUN + [f"--workdir={full}"], cwd=conftest.REPO,
                        env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-2000:]
-  proc = subprocess.Popen(_RUN + [f"--workdir={killed}"], cwd=conftest.REPO,
-                          env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
-  ckdir = os.path.join(killed, checkpoint.CKPT_DIR)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    steps = [d for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(
-        ckdir) else []
-    if any(int(d) >= 20 for d in steps):
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "training ended before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  conftest.sigkill_after_checkpoint(_RUN + [f"--workdir={killed}"], killed,
+                                   20, poll_s=0.05)
   res = subprocess.run(_RUN + [f"--workdir={killed}"], cwd=conftest.REPO,
                        env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-2000:]
