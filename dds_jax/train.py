@@ -276,8 +276,7 @@ def _train_batches(config, ckpt, train_ds, epoch, first, rows):
   if first:
     state = ckpt.read_data_state()
     if state is None:  # a checkpoint without one: start at the batch anyway
-      state = {"epoch": epoch, "grain": {"next_index": first * (
-          rows.stop - rows.start if rows is not None else tc.batch_size)}}
+      state = {"epoch": epoch, "grain": {"next_index": first}}
   batches = pipeline_lib.TrainBatches(
       train_ds, tc.batch_size, seed=config.seed, epoch=epoch, rows=rows,
       state=state, threads=dc.threads, prefetch=dc.prefetch)
@@ -455,8 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               {"step": step, "epoch": epoch, "batch": batch_idx,
                "seed": config.seed, "num_train": len(train_ds), **meta},
               sigma_table=table,
-              data_state=(batches.get_state() if batches is not None and
-                          batch_idx < len(batches) else None))
+              data_state=None if batches is None else batches.get_state())
 
   # --- Training epochs, a checkpoint every ckpt.every_steps. ---------------
   metrics_path = os.path.join(workdir, "metrics.jsonl")

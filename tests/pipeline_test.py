@@ -334,3 +334,26 @@ def test_one_resnet50_step_on_imagenet_size_jpegs(tmp_path):
   with open(os.path.join(work, "export", "export.json")) as f:
     meta = json.load(f)
   assert meta["model"] == "resnet50" and meta["image_shape"] == [224, 224, 3]
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_resume_at_any_batch_of_an_epoch_continues_there(small_folder,
+                                                           saved):
+  """Also at the epoch's end, and from a checkpoint without iterator state
+  (the batch index of its metadata is used then)."""
+  from dds_jax import train  # pylint: disable=g-import-not-at-top
+  config = digits_config.get_config("small")
+  config.train.batch_size = 16
+  lazy = records.load(f"imagefolder:{small_folder}", "train")
+  full = list(pipeline.TrainBatches(lazy, 16, seed=config.seed, epoch=1))
+
+  class Ckpt:  # what train._train_batches asks of a Checkpointer
+    def __init__(self, first):
+      self.first = first
+
+    def read_data_state(self):
+      return {"epoch": 1, "grain": {"next_index": self.first}} if saved else None
+
+  for first in range(len(full) + 1):
+    got = list(train._train_batches(config, Ckpt(first), lazy, 1, first, None))
+    _equal_batches(full[first:], got)
