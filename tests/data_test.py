@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import types
 import zipfile
 
@@ -427,6 +428,103 @@ def test_imagefolder_unreadable_image(tmp_path):
   with pytest.raises(errors.DataError, match='0009.jpg'):
     data.load(f'imagefolder:{tmp_path / "tree"}', 'test',
               cache_dir=str(tmp_path / 'cache'))
+
+
+def _mixed_zip(tmp_path, n=9, garbage=None):
+  """A zip of n JPEG/PNG images in 3 classes (one grayscale); returns its path."""
+  rng = np.random.default_rng(3)
+  root = tmp_path / 'mixed'
+  for i in range(n):
+    folder = root / 'train' / ('cat', 'dog', 'emu')[i % 3]
+    folder.mkdir(parents=True, exist_ok=True)
+    img = _random_image(rng, mode='L' if i == 4 else 'RGB')
+    img.save(folder / f'{i:04d}.{"jpg" if i % 2 else "png"}')
+  if garbage:
+    (root / 'train' / 'dog' / garbage).write_bytes(b'garbage')
+  return _zip_tree(str(root), str(tmp_path / 'mixed.zip'))
+
+
+def _force_parallel(monkeypatch, images_per_task):
+  monkeypatch.setattr(imagefolder, '_PARALLEL_MIN_IMAGES', 0)
+  monkeypatch.setattr(imagefolder, '_IMAGES_PER_TASK', images_per_task)
+
+
+def test_imagefolder_parallel_decode_matches_serial(tmp_path, monkeypatch,
+                                                    caplog):
+  path = _mixed_zip(tmp_path)
+  caplog.set_level('INFO')
+  # Below _PARALLEL_MIN_IMAGES, processes > 1 still decodes serially.
+  serial = data.load_imagefolder_uint8(
+      path, 'train', cache_dir=str(tmp_path / 'c1'), processes=2)
+  assert 'with 1 process.' in caplog.text
+  _force_parallel(monkeypatch, images_per_task=2)  # 5 tasks, 2 processes
+  caplog.clear()
+  parallel = data.load_imagefolder_uint8(
+      path, 'train', cache_dir=str(tmp_path / 'c2'), processes=2)
+  assert 'with 2 processes.' in caplog.text
+  assert serial.images.shape == (9, 5, 6, 3)
+  assert parallel.images.dtype == np.uint8
+  np.testing.assert_array_equal(parallel.images, serial.images)
+  assert parallel.images.tobytes() == serial.images.tobytes()
+  np.testing.assert_array_equal(parallel.labels, serial.labels)
+  np.testing.assert_array_equal(parallel.example_ids, serial.example_ids)
+  assert parallel.files == serial.files
+  assert parallel.class_names == serial.class_names
+  # Both cache files hold the same arrays (the key does not include processes).
+  assert os.listdir(tmp_path / 'c1') == os.listdir(tmp_path / 'c2')
+
+
+def test_imagefolder_parallel_decode_names_a_corrupt_image(tmp_path,
+                                                          monkeypatch):
+  path = _mixed_zip(tmp_path, garbage='0005.jpg')
+  cache = str(tmp_path / 'cache')
+  with pytest.raises(errors.DataError, match='0005.jpg') as serial:
+    data.load_imagefolder_uint8(path, 'train', cache_dir=cache, processes=1)
+  _force_parallel(monkeypatch, images_per_task=5)  # 2 tasks, 2 processes
+  with pytest.raises(errors.DataError, match='0005.jpg') as parallel:
+    data.load_imagefolder_uint8(path, 'train', cache_dir=cache, processes=2)
+  assert type(parallel.value) is errors.DataError
+  # The same message, but for the address of the BytesIO Pillow names.
+  def unaddressed(e):
+    return re.sub(r' at 0x[0-9a-f]+', '', str(e.value))
+  assert unaddressed(parallel) == unaddressed(serial)
+  assert f'{path}:train/dog/0005.jpg' in str(parallel.value)
+  assert not os.path.exists(cache)
+
+
+def test_decode_processes_config_and_pass_through(tmp_path, monkeypatch):
+  from dds_jax.configs import common
+  from dds_jax.configs import digits as digits_config
+  c = digits_config.get_config('small')
+  assert c.data.decode_processes == 1
+  for ok in (0, 1, 16):
+    c.data.decode_processes = ok
+    common.validate(c)
+  c.data.decode_processes = -1
+  with pytest.raises(errors.ConfigError,
+                     match=r'^data.decode_processes must be >= 0 .*got -1$'):
+    common.validate(c)
+  with pytest.raises(errors.ConfigError, match='processes=-1'):
+    data.load_imagefolder_uint8('x.zip', 'test', processes=-1)
+  assert imagefolder.resolve_processes(0) == len(os.sched_getaffinity(0))
+  assert imagefolder.resolve_processes(3) == 3
+  # load_split hands data.decode_processes to the decoder, in both pipelines.
+  _write_tree(tmp_path / 'tree')
+  seen = []
+  load_uint8 = imagefolder.load_uint8
+
+  def spy(*args, processes=1, **kwargs):
+    seen.append(processes)
+    return load_uint8(*args, processes=processes, **kwargs)
+
+  monkeypatch.setattr(imagefolder, 'load_uint8', spy)
+  c.data.name = f'imagefolder:{tmp_path / "tree"}'
+  c.data.cache_dir = str(tmp_path / 'cache')
+  c.data.decode_processes = 3
+  data.load_split(c, 'test')
+  c.data.pipeline, c.data.in_ram = 'grain', True
+  data.load_split(c, 'test')
+  assert seen == [3, 3]
 
 
 def test_imagefolder_missing_path_split_and_bad_zip(tmp_path):

@@ -197,6 +197,20 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(digits_cnn):
       logits, f32.apply_fn(variables, x), rtol=0.1, atol=0.1)
 
 
+def test_build_from_config_computes_in_certify_dtype_outside_training():
+  from dds_jax.configs import common  # pylint: disable=g-import-not-at-top
+  from dds_jax.configs import digits  # pylint: disable=g-import-not-at-top
+  c = digits.get_config('small')
+  c.certify.dtype = 'bfloat16'
+  common.validate(c)
+  assert models.build_from_config(c, (8, 8, 1)).module.dtype == jnp.bfloat16
+  assert models.build_from_config(c, (8, 8, 1), training=True).module.dtype in (
+      None, jnp.float32)
+  c.certify.dtype = 'float16'
+  with pytest.raises(errors.ConfigError, match='certify.dtype'):
+    common.validate(c)
+
+
 def test_unknown_name_raises_config_error_listing_valid_names():
   with pytest.raises(errors.ConfigError, match='resnet18') as info:
     models.build('vgg16', 10, (32, 32, 3))

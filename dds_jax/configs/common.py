@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.holdout = 0              # training examples held out as split 'holdout'
   c.data.class_names = ()         # () = sorted class folder names / dataset's own
   c.data.cache_dir = ""           # "" = $DDS_JAX_CACHE or ~/.cache/dds_jax
+  c.data.decode_processes = 1     # imagefolder: processes decoding an uncached
+                                  # split: 1 serial, 0 one per CPU, n > 1 n
+                                  # (small splits are always decoded serially)
   c.data.data_dir = ""            # TFDS data_dir ("" = TFDS default)
   c.data.pipeline = "memory"      # memory (decoded once into RAM) | grain (lazy)
   c.data.preprocess = "none"      # none | imagenet (resize+crop; needs grain)
@@ -115,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.max = -1              # ... with index < max (-1: all)
   c.certify.batch_size = 1000     # noisy images per device per forward pass
   c.certify.samples_per_block = 100
+  c.certify.dtype = "float32"     # float32 | bfloat16: the base classifier's
+                                  # compute dtype (bf16 is a different, still
+                                  # fixed, base classifier; params float32)
   c.certify.examples_per_call = 32  # examples per sampler call (rows per flush)
   c.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
   c.certify.checkpoint = ""       # a parameters-only export dir ("" = workdir)
@@ -275,6 +281,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        "or ddrs")
   need(config.train.dtype in ("float32", "bfloat16"),
        f"train.dtype={config.train.dtype!r}; expected float32 or bfloat16")
+  need(config.certify.dtype in ("float32", "bfloat16"),
+       f"certify.dtype={config.certify.dtype!r}; expected float32 or bfloat16")
   need(config.train.ds.bn_mode in ("eval", "train"),
        f"train.ds.bn_mode={config.train.ds.bn_mode!r}; expected eval or train")
   need(config.train.num_noise >= 1, "train.num_noise must be >= 1")
@@ -303,6 +311,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        "data.in_ram applies to data.pipeline=grain")
   need(d.threads >= 1 and d.prefetch >= 1,
        "data.threads and data.prefetch must be >= 1")
+  need(d.decode_processes >= 0, f"data.decode_processes must be >= 0 (0: one "
+       f"per CPU, 1: serial); got {d.decode_processes}")
   c = config.certify
   need(c.n0 >= 1 and c.n >= 1, f"certify.n0 and certify.n must be >= 1; got "
        f"n0={c.n0}, n={c.n}")

@@ -81,7 +81,8 @@ def load(spec: str,
          *,
          cache_dir: str | None = None,
          class_names: Sequence[str] | None = None,
-         data_dir: str | None = None) -> Dataset:
+         data_dir: str | None = None,
+         decode_processes: int = 1) -> Dataset:
   """Loads a split of a dataset named by a spec string.
 
   Args:
@@ -93,6 +94,8 @@ def load(spec: str,
       of the class folders sorted by name. digits and tfds have fixed classes;
       if given, it must equal them.
     data_dir: tfds only: the TFDS data directory.
+    decode_processes: imagefolder only: processes decoding a split that is not
+      cached (1 = serial, 0 = one per CPU; `config.data.decode_processes`).
 
   Arguments a source does not use are ignored, so callers can pass the same
   ones for every spec.
@@ -112,7 +115,8 @@ def load(spec: str,
     return digits.load(split, class_names=class_names)
   if kind == 'imagefolder' and sep:
     return imagefolder.load(
-        rest, split, cache_dir=cache_dir, class_names=class_names)
+        rest, split, cache_dir=cache_dir, class_names=class_names,
+        processes=decode_processes)
   if kind == 'tfds' and sep:
     return tfds_source.load(
         rest, split, data_dir=data_dir, class_names=class_names)
@@ -162,6 +166,7 @@ def load_split(config, split: str) -> Dataset:
     raise errors.ConfigError(
         f'data.pipeline={pipeline!r}; use one of {PIPELINES}.')
   class_names = tuple(dc.class_names) or None
+  decode_processes = int(dc.get('decode_processes', 1))
   if pipeline == 'grain':
     in_memory = None
     if dc.name == 'digits':  # no lazy reader needed: 1,797 tiny images
@@ -169,14 +174,16 @@ def load_split(config, split: str) -> Dataset:
     ds = records.load(dc.name, source, class_names=class_names,
                       data_dir=dc.data_dir or None, preprocess=preprocess(dc),
                       in_memory=in_memory, in_ram=bool(dc.get('in_ram')),
-                      cache_dir=dc.cache_dir or None)
+                      cache_dir=dc.cache_dir or None,
+                      decode_processes=decode_processes)
   else:
     if dc.get('preprocess', 'none') != 'none':
       raise errors.ConfigError(
           f"data.preprocess={dc.preprocess!r} needs data.pipeline='grain' "
           '(images are resized and cropped one at a time as they are read).')
     ds = load(dc.name, source, cache_dir=dc.cache_dir or None,
-              class_names=class_names, data_dir=dc.data_dir or None)
+              class_names=class_names, data_dir=dc.data_dir or None,
+              decode_processes=decode_processes)
   if k > 0 and source == dc.train_split:
     held = np.zeros(len(ds), bool)
     held[holdout_positions(len(ds), k)] = True

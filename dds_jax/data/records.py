@@ -466,7 +466,8 @@ class LazyDataset:
 
 def load(spec: str, split: str, *, class_names=None, data_dir=None,
          preprocess: Preprocess = Preprocess(), in_memory=None,
-         in_ram: bool = False, cache_dir: str | None = None) -> LazyDataset:
+         in_ram: bool = False, cache_dir: str | None = None,
+         decode_processes: int = 1) -> LazyDataset:
   """A lazy split of 'imagefolder:<path>', 'tfds:<name>' or 'digits'.
 
   in_memory: for 'digits', the in-memory `Dataset` to wrap (it is tiny).
@@ -474,11 +475,14 @@ def load(spec: str, split: str, *, class_names=None, data_dir=None,
     as uint8 (the decode cache, `imagefolder.load_uint8`; a quarter of the
     float32 in-memory pipeline) instead of decoding each file when read:
     faster for small images (CIFAR-10). Every image must have one size.
+  decode_processes: imagefolder with in_ram: processes decoding the split when
+    it is not cached (`imagefolder.load_uint8`'s `processes`).
   """
   kind, _, rest = spec.partition(':')
   if kind == 'imagefolder' and in_ram:
     raw = imagefolder.load_uint8(rest, split, cache_dir=cache_dir,
-                                 class_names=class_names)
+                                 class_names=class_names,
+                                 processes=decode_processes)
     source = ArrayRecords(raw.images, raw.labels, raw.class_names,
                           f'imagefolder:{imagefolder._archive_name(rest)}',  # pylint: disable=protected-access
                           split, raw.example_ids)

@@ -302,10 +302,14 @@ def build_from_config(config, image_shape: Sequence[int],
                       training: bool = False) -> ModelBundle:
   """The model of a dds_jax config (`config.model.*`).
 
-  In training, bf16 compute when `config.train.dtype` says so.
+  The compute dtype is `config.train.dtype` in training and
+  `config.certify.dtype` otherwise (certification, sigma selection,
+  evaluation); parameters stay float32 either way.
   """
   kwargs = {}
-  if training and config.train.dtype == 'bfloat16':
+  dtype = config.train.dtype if training else config.certify.get(
+      'dtype', 'float32')
+  if dtype == 'bfloat16':
     kwargs['dtype'] = jnp.bfloat16
   if config.model.conv_features:
     kwargs['conv_features'] = tuple(config.model.conv_features)
