@@ -1,9 +1,11 @@
 r"""The reference algorithms in PyTorch, for `bench/compare.py`.
 
 A faithful re-implementation, written here, of what the published code runs,
-on CPU and on the same architectures as dds_jax (weights converted from our
-flax parameters with `dds_jax.convert.to_torch_state_dict`, so both
-frameworks compute the same function; `check_same_function` verifies it):
+on CPU or CUDA (wherever the model's parameters are; the noise is drawn on
+the images' device) and on the same architectures as dds_jax (weights
+converted from our flax parameters with `dds_jax.convert.to_torch_state_dict`,
+so both frameworks compute the same function; `check_same_function` verifies
+it):
 
 * `Smooth.certify`: Cohen et al.'s CERTIFY (locuslab/smoothing `code/core.py`)
   as DDRS's `certify_ds.py` calls it, one image at a time: `_sample_noise`
@@ -229,9 +231,10 @@ def check_same_function(bundle: models.ModelBundle, variables: Any,
     dict(agreement: fraction of equal argmax, max_abs_diff, logit_scale).
   """
   ours = np.asarray(bundle.apply_fn(variables, x))
+  device = next(torch_model.parameters()).device
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   with torch.no_grad():
-    theirs = torch_model(torch.from_numpy(
-        np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+    theirs = torch_model(xt.to(device)).cpu().numpy()
   diff = float(np.abs(ours - theirs).max())
   scale = float(np.abs(theirs).max())
   agreement = float(np.mean(ours.argmax(1) == theirs.argmax(1)))
@@ -311,8 +314,9 @@ def optimize_sigma(model: nn.Module, batch: torch.Tensor, lr: float,
   """
   batch_size = batch.shape[0]
   sig = sig_0.clone().detach().requires_grad_(True).view(batch_size, 1, 1, 1)
-  m = torch.distributions.normal.Normal(torch.zeros(batch_size),
-                                        torch.ones(batch_size))
+  m = torch.distributions.normal.Normal(
+      torch.zeros(batch_size, device=batch.device),
+      torch.ones(batch_size, device=batch.device))
   for param in model.parameters():
     param.requires_grad_(False)
   new_shape = [batch_size * n]

@@ -10,7 +10,9 @@ or without `ds` (per-sample sigma in training and data-dependent sigma with
 the memory at certification; `launch.run` with `ds` runs the paper's
 comparison, `dds_jax.experiment.paper_comparison`, training both a fixed and
 a per-sample model). `cpu`: the CIFAR-10 study on a CPU (small CNN, 20
-epochs, N = 10,000; docs/cifar10_cpu.md, launch/cifar10_cpu.sh). Settings:
+epochs, N = 10,000; docs/cifar10_cpu.md, launch/cifar10_cpu.sh). `gpu`: a
+first run on one GPU in minutes (ResNet-18, bf16, N = 10,000; bench/gpu.py).
+Settings:
 
   * gaussian, no `ds`: Cohen et al.'s schedule: SGD lr 0.1, momentum 0.9,
     wd 1e-4, batch 256, 90 epochs, lr x0.1 every 30.
@@ -43,7 +45,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg, {"data": "", "sigma": 0.25, "epochs": 90,
                                 "method": "gaussian", "ds": False,
                                 "small": False, "runlocal": False,
-                                "cpu": False})
+                                "cpu": False, "gpu": False})
   c = common.base_config()
   c.data.name = ("tfds:cifar10" if args["data"] == "tfds"
                  else f"imagefolder:{args['data']}")
@@ -92,6 +94,8 @@ def get_config(arg=None):
   c.ckpt.every_steps = 1000
   if args["cpu"]:
     _cpu_study(c, args)
+  if args["gpu"]:
+    _gpu_run(c, args)
   if args["small"]:
     c.model.name = "small_cnn"
     c.train.epochs = 1
@@ -133,3 +137,25 @@ def _cpu_study(c, args):
   c.certify.radii = (0.0, 0.25, 0.5, 0.75)
   c.certify.examples_per_call = 20
   c.ckpt.every_steps = 200
+
+
+def _gpu_run(c, args):
+  """A first CIFAR-10 run on one GPU within minutes (bench/gpu.py).
+
+  ResNet-18 at Gaussian sigma, trained and certified in bf16 (parameters
+  float32), the CPU study's schedule (batch 256, lr 0.1, cosine, wd 5e-4) for
+  `epochs=` epochs (bench/gpu.py fits them to its time), 1000 training images
+  held out as for the CPU study, the training split decoded on every core,
+  and certification at N = 10,000 in device batches of 4,000.
+  """
+  c.data.holdout = 1000
+  c.data.decode_processes = 0
+  c.train.epochs = args["epochs"] if args["epochs"] != 90 else 15
+  c.train.batch_size, c.train.lr, c.train.weight_decay = 256, 0.1, 5e-4
+  c.train.schedule = "cosine"
+  c.train.dtype = "bfloat16"
+  c.certify.dtype = "bfloat16"
+  c.certify.n = 10_000
+  c.certify.radii = (0.0, 0.25, 0.5, 0.75)
+  c.certify.batch_size = 4000
+  c.certify.examples_per_call = 100
