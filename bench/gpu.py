@@ -16,8 +16,10 @@ files themselves are in `<--runs>/out`).
 0. `env.json`: GPU, driver (nvidia-smi), Python, jax, jaxlib, flax, optax,
    orbax, torch versions, the devices JAX sees.
 1. smoke (cap --smoke_s): the core tests (stats, sampler, certify) on the
-   device's jax. If they fail the run stops here with `smoke.log`, since a
-   library that fails them there must not produce numbers.
+   device's jax and GPU. If they fail they run again on its CPU backend
+   (`smoke_cpu.log`): a failure there too means the jax API differs, and
+   the run stops, since a library that fails them must not produce numbers;
+   a GPU-only failure is recorded and the run goes on.
 2. speed (cap --speed_s): `bench/compare.py` on ResNet-18, float32 and
    bfloat16 on both sides, 20 images, a sweep of JAX batch sizes, the bf16
    vs fp32 prediction agreement, the 500-image N = 100,000 extrapolation,
@@ -347,6 +349,13 @@ def main(argv):
                                     '-p', 'no:cacheprovider', '--durations=5']
                           + tests, _SMOKE_S.value)
     run.phase('smoke', _SMOKE_S.value, status, wall, tests=tests)
+    if status != 'ok':  # the device's jax API, or numbers on its GPU?
+      status, wall = run.sh('smoke_cpu', [
+          sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider'] +
+                            tests, _SMOKE_S.value,
+                            env=dict(_env(), JAX_PLATFORMS='cpu'))
+      run.phase('smoke_cpu', _SMOKE_S.value, status, wall,
+                note='the same tests on the device jax CPU backend')
     if status != 'ok':
       print('[gpu] the core tests did not pass on this machine\'s jax: '
             'stopping before any measurement (smoke.log)', flush=True)

@@ -12,8 +12,10 @@ On the config's test images (Cohen's skip/max) at fixed sigma
 (`noise.sigma`), for each radius r and each procedure of
 `dds_jax.certify_at` ('betting', 'union', 'adaptive': the Horvath-style
 staged reference), max_samples draws at most, it records the mean and median
-samples per decision (n0 included), certified accuracy at r (certified and
-correct) with its 95% Clopper-Pearson interval, and how often the decision
+samples per decision (n0 included), the fraction of decisions that ran to
+n0 + max_samples (`reached_max`) and the mean of the others, certified
+accuracy at r (certified and correct) with its 95% Clopper-Pearson
+interval, and how often the decision
 ("certified at r with the label's class") agrees with Cohen's CERTIFY. Cohen
 is run here at --cohen_n (n0 + N samples per image), or read from an
 existing TSV of the same images (--cohen_tsv, e.g. the CIFAR-10 CPU study's
@@ -146,6 +148,10 @@ def main(argv):
           median_samples=float(np.median(samples)),
           certified_accuracy=k / len(ds), ci_low=float(lo), ci_high=float(hi),
           agreement=float(np.mean(yes == cohen_yes)),
+          reached_max=float(np.mean(samples >= cc.n0 + MAX_SAMPLES.value)),
+          mean_samples_below_max=(
+              float(samples[samples < cc.n0 + MAX_SAMPLES.value].mean())
+              if (samples < cc.n0 + MAX_SAMPLES.value).any() else None),
           wall_s=time.time() - t0))
       print(f'r={r:g} {seq}: mean {samples.mean():.0f} samples, certified '
             f'{k / len(ds):.3f}', flush=True)
