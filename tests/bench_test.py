@@ -1,4 +1,4 @@
-"""The GPU run's preparation: the carried CIFAR-10 copy (bench/gpu_data.py)."""
+"""The benchmark scripts' helpers: the GPU run's data and plan, a simulation."""
 
 import os
 import zipfile
@@ -63,3 +63,17 @@ def test_the_plan_reads_the_best_bf16_rate_and_the_targets_from_speed_json():
   assert [x["dtype"] for x in t] == ["float32", "bfloat16"]
   assert t[1]["jax_over_torch"] == 2.5 and t[1]["jax_over_torch_at_least_2"]
   assert t[1]["sampler_at_least_0_9"] and t[1]["under_300_s"]
+
+
+def test_the_simulation_gets_each_images_count_back_from_its_p_lower(tmp_path):
+  from bench import sequential_sim  # pylint: disable=g-import-not-at-top
+  from dds_jax import stats  # pylint: disable=g-import-not-at-top
+  n, alpha = 1000, 0.001
+  n_a = np.array([1000, 999, 980, 700, 3])
+  p_lower = stats.lower_confidence_bound(n_a, n, alpha)
+  path = tmp_path / "certify.tsv"
+  path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\tp_lower\n" + "".join(
+      f"{i}\t0\t0\t0.1\t{int(i != 4)}\t0.0\t{p!r}\n"
+      for i, p in enumerate(p_lower.tolist())))
+  p = sequential_sim.p_from_tsv(str(path), n, alpha)
+  np.testing.assert_allclose(p, [1.0, 0.999, 0.98, 0.7, 0.0])  # 4: wrong class
