@@ -194,8 +194,9 @@ def certify_at(apply_fn: sampler.ApplyFn, params, x, sigma, key: jax.Array,
   first of `first_round` draws, default one block, then growing by
   `ROUND_GROWTH[sequence]`); round k draws blocks no earlier round drew.
   After each round an example stops as soon as the confidence sequence
-  (`stats.sequence_decision`: 'betting' or 'union') puts p_A above `stats.p_threshold(radius, sigma)` (certified)
-  or below it (not certified); stopped examples leave the later rounds, so
+  (`stats.sequence_decision`: 'betting' or 'union') puts p_A above
+  `stats.p_threshold(radius, sigma)` (certified) or below it (not
+  certified); stopped examples leave the later rounds, so
   device batches hold only examples still running. At max_samples the
   undecided are not certified. A certified decision is wrong with
   probability at most alpha, whenever the example stopped.
