@@ -53,6 +53,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -255,8 +256,7 @@ def _epoch_time(metrics: str) -> float | None:
 
 def _copy(src: str, dst: str) -> None:
   if os.path.exists(src):
-    with open(src, 'rb') as f, open(dst, 'wb') as g:
-      g.write(f.read())
+    shutil.copyfile(src, dst)
 
 
 def _train(run: Run, certify_reserve_s: float) -> str | None:

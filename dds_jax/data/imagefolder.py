@@ -41,12 +41,12 @@ fewer than `_PARALLEL_MIN_IMAGES` images is always decoded serially.
 Cache: decoding takes about 1 s (CIFAR-10 test) to 10 s (CIFAR-10 train, one
 core), so the decoded uint8 arrays are stored as an uncompressed `.npz` in
 `cache_dir` (default: `$DDS_JAX_CACHE`, else `~/.cache/dds_jax`) and reused.
-The cache key hashes the data (sha256 of the zip file's bytes; for a directory, its sorted
-relative file paths, sizes and modification times; a zip's sha256 is computed
-once per process for a given path, size and modification time), the split and
-the requested class list, so a changed archive is decoded again. Cache files are
-written atomically and read with `allow_pickle=False`; an unreadable cache file
-is ignored and rewritten.
+The cache key hashes the data (sha256 of the zip file's bytes; for a
+directory, its sorted relative file paths, sizes and modification times; a
+zip's sha256 is computed once per process for a given path, size and
+modification time), the split and the requested class list, so a changed
+archive is decoded again. Cache files are written atomically and read with
+`allow_pickle=False`; an unreadable cache file is ignored and rewritten.
 """
 
 from __future__ import annotations
