@@ -157,7 +157,8 @@ def _versions() -> dict[str, object]:
       out[mod] = f'missing ({type(e).__name__}: {e})'
   try:
     import jax  # pylint: disable=g-import-not-at-top
-    out['jax_devices'] = [f'{d.platform}:{d.device_kind}' for d in jax.devices()]
+    out['jax_devices'] = [f'{d.platform}:{d.device_kind}'
+                          for d in jax.devices()]
   except Exception as e:  # pylint: disable=broad-except
     out['jax_devices'] = f'error: {e}'
   try:
@@ -366,7 +367,8 @@ def main(argv):
     # Two certifications: fixed (n0 + N per image) and the grid (about twice
     # that), plus start-up and compilation for each.
     samples = _IMAGES * (100 + _N)
-    reserve = (3 * samples / rate + 2 * 45.0) if rate and not _DRY.value else 150.0
+    reserve = (3 * samples / rate + 2 * 45.0 if rate and not _DRY.value
+               else 150.0)
     run.phase('plan', 0.0, 'ok', 0.0, jax_bf16_samples_per_s=rate,
               certify_batch=batch, certify_reserve_s=round(reserve, 1))
 
